@@ -1,0 +1,114 @@
+/* broker: the message transport (task queues) and the result backend, behind one small interface.
+ *
+ * DESIGN. Everything here runs in the worker's main process, driven by its poll loop: the caller collects
+ * file descriptors with *_pollfds, calls *_process when they are ready, and *_flush once per pass so that
+ * every command issued during the pass goes out in one pipelined write. Nothing blocks except start-up and
+ * the periodic visibility-timeout restore. Pool children never touch these connections.
+ *
+ * Redis transport (redis.c), interoperable with kombu's virtual transport (protocol doc section 3):
+ *  - a server-side script pops up to N messages across the queue lists in kombu's order (priority 0 first,
+ *    then the `SEP 3/6/9` sub-lists, queues round-robin) AND records each in `unacked`/`unacked_index` in
+ *    kombu's format, atomically: there is no window in which a popped message exists only in our memory;
+ *  - while the queues are empty, the worker waits for Redis's key-invalidation messages (CLIENT TRACKING
+ *    in broadcast mode, on the queue names) instead of BRPOP, which would reopen that window;
+ *  - acks are coalesced into one ZREM and one HDEL per pass;
+ *  - requeue (warm shutdown) and the visibility-timeout restore put messages back with `redelivered` set,
+ *    only if their unacked record still exists, so a message is never restored twice.
+ * Redis >= 6.2 is required (RPOP with a count, CLIENT TRACKING). */
+#ifndef CELERIAC_BROKER_H
+#define CELERIAC_BROKER_H
+
+#include <poll.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Where a Redis server is. All strings borrowed; they must outlive the object opened with it. */
+struct broker_endpoint {
+    const char *host;     /* NULL when socket is set */
+    int port;
+    const char *socket;   /* unix socket path, or NULL */
+    const char *username; /* ACL user, or NULL */
+    const char *password; /* or NULL */
+    int db;
+    const char *display;  /* the URL with the password redacted, for log lines */
+};
+
+/* ---------------------------------------------------------------- transport */
+
+struct broker;
+
+/* One message taken from a queue and recorded as unacked. */
+struct broker_delivery {
+    char *tag;    /* owned: the key of its unacked record */
+    char *raw;    /* owned: the message exactly as it was in the list */
+    size_t len;
+    int queue;    /* index into the queue names given to broker_open */
+};
+void broker_delivery_free(struct broker_delivery *d); /* frees d and what it owns */
+
+struct broker_handlers {
+    /* Takes ownership of d. Called from broker_process, in pop order. */
+    void (*on_deliver)(void *arg, struct broker_delivery *d);
+};
+
+struct broker_options {
+    const char *const *queues; /* borrowed, nqueues names */
+    size_t nqueues;
+    double visibility_timeout; /* seconds: records older than this are restored by anyone (kombu's rule) */
+};
+
+/* Connects (blocking, with a timeout), loads the scripts, sets up the wake-up channel and runs one
+ * visibility restore. Returns the broker (free with broker_close) or NULL with err filled. */
+struct broker *broker_open(const struct broker_endpoint *ep, const struct broker_options *opt,
+                           const struct broker_handlers *h, void *arg, char *err, size_t errlen);
+void broker_close(struct broker *b);
+
+/* Fills up to max pollfds; returns how many. */
+int broker_pollfds(struct broker *b, struct pollfd *fds, int max);
+/* Handles the events on the pollfds broker_pollfds returned. Returns 0, or -1 if a connection broke
+ * (broker_errstr says why). */
+int broker_process(struct broker *b, const struct pollfd *fds, int n);
+/* Sends everything issued since the last flush. Returns 0 or -1 (connection broke). */
+int broker_flush(struct broker *b);
+/* Timers: polling fallback and the periodic visibility restore. now: epoch seconds. */
+void broker_tick(struct broker *b, double now);
+/* Milliseconds until broker_tick has something to do (for the poll timeout). */
+int broker_next_tick_ms(const struct broker *b, double now);
+
+/* Whether a fetch should be issued now: none is in flight and the queues may hold messages. */
+bool broker_should_fetch(const struct broker *b);
+/* Issues one fetch of up to max messages; deliveries arrive through on_deliver. */
+void broker_fetch(struct broker *b, int max);
+/* Number of messages the fetch in flight may still deliver (counts against prefetch). */
+int broker_fetch_in_flight(const struct broker *b);
+
+/* Acknowledges (removes the unacked record of) a delivery: coalesced until the next flush. tag borrowed. */
+void broker_ack(struct broker *b, const char *tag);
+/* Puts a delivery back on its queue with redelivered=true, where it is consumed next, and removes its
+ * unacked record, atomically, unless someone restored it already. d borrowed. */
+void broker_requeue(struct broker *b, const struct broker_delivery *d);
+/* Restores every unacked record older than the visibility timeout (kombu's mutex protocol), except the
+ * ones this broker holds. Blocking; returns how many were restored, or -1. */
+int broker_restore_visible(struct broker *b, double now);
+
+const char *broker_errstr(const struct broker *b);
+
+/* ---------------------------------------------------------------- result backend */
+
+struct backend;
+
+/* expires: seconds for SETEX; 0 stores with SET (no expiry). Returns NULL with err filled on failure. */
+struct backend *backend_open(const struct broker_endpoint *ep, long expires, char *err, size_t errlen);
+void backend_close(struct backend *be);
+int backend_pollfds(struct backend *be, struct pollfd *fds, int max);
+int backend_process(struct backend *be, const struct pollfd *fds, int n);
+int backend_flush(struct backend *be);
+const char *backend_errstr(const struct backend *be);
+
+/* Stores doc as celery-task-meta-<task_id> and PUBLISHes it (the PUBLISH wakes AsyncResult.get()).
+ * task_id and doc are copied. done (may be NULL) is called once the server confirmed both, or failed. */
+typedef void (*backend_done_fn)(void *arg, bool ok);
+void backend_store(struct backend *be, const char *task_id, const char *doc, size_t len, backend_done_fn done,
+                   void *arg);
+
+#endif

@@ -1,0 +1,290 @@
+#include "rconn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void queue_push(struct rconn *c, rconn_cb cb, void *arg)
+{
+    if (c->q_len == c->q_cap) {
+        size_t cap = c->q_cap ? c->q_cap * 2 : 256;
+        struct rconn_pending *q = malloc(cap * sizeof *q);
+        if (!q)
+            abort();
+        for (size_t i = 0; i < c->q_len; i++)
+            q[i] = c->q[(c->q_head + i) % c->q_cap];
+        free(c->q);
+        c->q = q;
+        c->q_cap = cap;
+        c->q_head = 0;
+    }
+    c->q[(c->q_head + c->q_len) % c->q_cap] = (struct rconn_pending){cb, arg};
+    c->q_len++;
+}
+
+static struct rconn_pending queue_pop(struct rconn *c)
+{
+    struct rconn_pending p = c->q[c->q_head];
+    c->q_head = (c->q_head + 1) % c->q_cap;
+    c->q_len--;
+    return p;
+}
+
+static redisReply *blocking_call(redisContext *ctx, int argc, const char **argv, const size_t *lens)
+{
+    return redisCommandArgv(ctx, argc, argv, lens);
+}
+
+int rconn_open(struct rconn *c, const char *name, const struct broker_endpoint *ep, int timeout_ms)
+{
+    c->name = name;
+    c->errstr[0] = '\0';
+    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    redisContext *ctx = ep->socket ? redisConnectUnixWithTimeout(ep->socket, tv)
+                                   : redisConnectWithTimeout(ep->host ? ep->host : "127.0.0.1", ep->port, tv);
+    if (!ctx || ctx->err) {
+        snprintf(c->errstr, sizeof c->errstr, "cannot connect to %s: %s", ep->display,
+                 ctx ? ctx->errstr : "out of memory");
+        goto fail;
+    }
+    redisSetTimeout(ctx, tv);
+    if (ep->password) {
+        const char *argv[3] = {"AUTH", ep->username ? ep->username : ep->password, ep->password};
+        size_t lens[3] = {4, strlen(argv[1]), strlen(argv[2])};
+        redisReply *r = blocking_call(ctx, ep->username ? 3 : 2, argv, lens);
+        bool ok = r && r->type != REDIS_REPLY_ERROR;
+        snprintf(c->errstr, sizeof c->errstr, "authentication to %s failed: %s", ep->display,
+                 r && r->type == REDIS_REPLY_ERROR ? r->str : ctx->errstr);
+        if (r)
+            freeReplyObject(r);
+        if (!ok)
+            goto fail;
+        c->errstr[0] = '\0';
+    }
+    if (ep->db) {
+        redisReply *r = redisCommand(ctx, "SELECT %d", ep->db);
+        bool ok = r && r->type != REDIS_REPLY_ERROR;
+        snprintf(c->errstr, sizeof c->errstr, "SELECT %d on %s failed: %s", ep->db, ep->display,
+                 r && r->type == REDIS_REPLY_ERROR ? r->str : ctx->errstr);
+        if (r)
+            freeReplyObject(r);
+        if (!ok)
+            goto fail;
+        c->errstr[0] = '\0';
+    }
+    redisEnableKeepAlive(ctx);
+    /* From here on the caller's poll loop drives the socket: hiredis treats EAGAIN as "try later" only
+     * when the context is not marked blocking. */
+    int flags = fcntl(ctx->fd, F_GETFL);
+    fcntl(ctx->fd, F_SETFL, flags | O_NONBLOCK);
+    ctx->flags &= ~REDIS_BLOCK;
+    c->ctx = ctx;
+    return 0;
+fail:
+    if (ctx)
+        redisFree(ctx);
+    return -1;
+}
+
+void rconn_close(struct rconn *c)
+{
+    if (c->ctx) {
+        redisFree(c->ctx);
+        c->ctx = NULL;
+    }
+    while (c->q_len) {
+        struct rconn_pending p = queue_pop(c);
+        bool steal = false;
+        if (p.cb)
+            p.cb(c, NULL, p.arg, &steal);
+    }
+}
+
+bool rconn_connected(const struct rconn *c)
+{
+    return c->ctx != NULL;
+}
+
+int rconn_fd(const struct rconn *c)
+{
+    return c->ctx ? c->ctx->fd : -1;
+}
+
+bool rconn_wants_write(const struct rconn *c)
+{
+    return c->ctx && sdslen(c->ctx->obuf) > 0;
+}
+
+size_t rconn_pending(const struct rconn *c)
+{
+    return c->q_len;
+}
+
+void rconn_command_argv(struct rconn *c, rconn_cb cb, void *arg, int argc, const char **argv, const size_t *lens)
+{
+    if (!c->ctx) {
+        bool steal = false;
+        if (cb)
+            cb(c, NULL, arg, &steal);
+        return;
+    }
+    redisAppendCommandArgv(c->ctx, argc, argv, lens);
+    queue_push(c, cb, arg);
+}
+
+void rconn_command(struct rconn *c, rconn_cb cb, void *arg, const char *fmt, ...)
+{
+    if (!c->ctx) {
+        bool steal = false;
+        if (cb)
+            cb(c, NULL, arg, &steal);
+        return;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    redisvAppendCommand(c->ctx, fmt, ap);
+    va_end(ap);
+    queue_push(c, cb, arg);
+}
+
+void rconn_send(struct rconn *c, const char *fmt, ...)
+{
+    if (!c->ctx)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    redisvAppendCommand(c->ctx, fmt, ap);
+    va_end(ap);
+}
+
+int rconn_flush(struct rconn *c)
+{
+    if (!c->ctx)
+        return -1;
+    int done = 0;
+    while (!done) {
+        size_t before = sdslen(c->ctx->obuf);
+        if (redisBufferWrite(c->ctx, &done) == REDIS_ERR) {
+            snprintf(c->errstr, sizeof c->errstr, "%s connection lost: %s", c->name, c->ctx->errstr);
+            return -1;
+        }
+        if (!done && sdslen(c->ctx->obuf) == before)
+            break; /* the socket is full: poll for POLLOUT */
+    }
+    return 0;
+}
+
+static int dispatch_replies(struct rconn *c)
+{
+    for (;;) {
+        void *reply = NULL;
+        if (redisGetReplyFromReader(c->ctx, &reply) == REDIS_ERR) {
+            snprintf(c->errstr, sizeof c->errstr, "%s protocol error: %s", c->name, c->ctx->errstr);
+            return -1;
+        }
+        if (!reply)
+            return 0;
+        redisReply *r = reply;
+        if (!c->q_len && c->push_cb) {
+            bool steal = false;
+            c->push_cb(c, r, c->push_arg, &steal);
+            if (!steal)
+                freeReplyObject(r);
+            if (!c->ctx)
+                return -1;
+            continue;
+        }
+        if (!c->q_len) {
+            /* A reply nobody asked for: a bug, not something to guess about. Drop it loudly. */
+            fprintf(stderr, "celeriac: unexpected reply on %s connection (type %d)\n", c->name, r->type);
+            freeReplyObject(r);
+            continue;
+        }
+        struct rconn_pending p = queue_pop(c);
+        bool steal = false;
+        if (p.cb)
+            p.cb(c, r, p.arg, &steal);
+        else if (r->type == REDIS_REPLY_ERROR)
+            fprintf(stderr, "celeriac: %s command failed: %s\n", c->name, r->str);
+        if (!steal)
+            freeReplyObject(r);
+        if (!c->ctx)
+            return -1; /* a callback closed the connection */
+    }
+}
+
+int rconn_read(struct rconn *c)
+{
+    if (!c->ctx)
+        return -1;
+    if (redisBufferRead(c->ctx) == REDIS_ERR) {
+        snprintf(c->errstr, sizeof c->errstr, "%s connection lost: %s", c->name, c->ctx->errstr);
+        return -1;
+    }
+    return dispatch_replies(c);
+}
+
+struct call_slot {
+    redisReply *reply;
+    bool done;
+};
+
+static void call_done(struct rconn *c, redisReply *reply, void *arg, bool *steal)
+{
+    (void)c;
+    struct call_slot *slot = arg;
+    slot->reply = reply;
+    slot->done = true;
+    *steal = reply != NULL;
+}
+
+static redisReply *wait_for(struct rconn *c, struct call_slot *slot)
+{
+    while (!slot->done) {
+        struct pollfd pfd = {c->ctx->fd, POLLIN | (rconn_wants_write(c) ? POLLOUT : 0), 0};
+        int n = poll(&pfd, 1, 5000);
+        if (n == 0) {
+            snprintf(c->errstr, sizeof c->errstr, "%s: no reply within 5 s", c->name);
+            rconn_close(c);
+            break;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if ((pfd.revents & POLLOUT) && rconn_flush(c) < 0) {
+            rconn_close(c);
+            break;
+        }
+        if ((pfd.revents & (POLLIN | POLLHUP | POLLERR)) && rconn_read(c) < 0) {
+            rconn_close(c);
+            break;
+        }
+    }
+    return slot->reply;
+}
+
+redisReply *rconn_call(struct rconn *c, const char *fmt, ...)
+{
+    if (!c->ctx)
+        return NULL;
+    struct call_slot slot = {NULL, false};
+    va_list ap;
+    va_start(ap, fmt);
+    redisvAppendCommand(c->ctx, fmt, ap);
+    va_end(ap);
+    queue_push(c, call_done, &slot);
+    return wait_for(c, &slot);
+}
+
+redisReply *rconn_call_argv(struct rconn *c, int argc, const char **argv, const size_t *lens)
+{
+    if (!c->ctx)
+        return NULL;
+    struct call_slot slot = {NULL, false};
+    redisAppendCommandArgv(c->ctx, argc, argv, lens);
+    queue_push(c, call_done, &slot);
+    return wait_for(c, &slot);
+}

@@ -1,0 +1,65 @@
+/* rconn: one non-blocking Redis connection driven by the caller's poll loop, with a FIFO of reply callbacks.
+ * Internal to broker/. Commands are appended to hiredis's output buffer (pipelined); rconn_flush writes what
+ * the socket takes; rconn_read parses every complete reply and calls the callback registered with its
+ * command, in order. Single-threaded: the process that created the connection is the only user. */
+#ifndef CELERIAC_RCONN_H
+#define CELERIAC_RCONN_H
+
+#include <hiredis/hiredis.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "broker.h"
+
+struct rconn;
+/* reply is borrowed (freed after the callback returns) unless the callback sets *steal to true, in which case
+ * it takes ownership (free with freeReplyObject). reply is NULL when the connection was lost before the
+ * reply came. */
+typedef void (*rconn_cb)(struct rconn *c, redisReply *reply, void *arg, bool *steal);
+
+struct rconn_pending {
+    rconn_cb cb; /* NULL: the reply is only checked for errors */
+    void *arg;
+};
+
+struct rconn {
+    redisContext *ctx;  /* owned; NULL while disconnected */
+    const char *name;   /* borrowed, for log lines: "broker", "backend" */
+    struct rconn_pending *q; /* ring of callbacks for the replies still to come */
+    rconn_cb push_cb;        /* pub/sub: receives every reply that no command waits for (messages) */
+    void *push_arg;
+    size_t q_head, q_len, q_cap;
+    char errstr[256];
+};
+
+/* Blocking connect (timeout_ms), AUTH and SELECT; the connection is then switched to non-blocking.
+ * Returns 0, or -1 with c->errstr set. */
+int rconn_open(struct rconn *c, const char *name, const struct broker_endpoint *ep, int timeout_ms);
+/* Closes the socket and calls every pending callback with a NULL reply. Safe to call twice. */
+void rconn_close(struct rconn *c);
+bool rconn_connected(const struct rconn *c);
+int rconn_fd(const struct rconn *c);
+bool rconn_wants_write(const struct rconn *c);
+size_t rconn_pending(const struct rconn *c);
+
+/* Appends one command (argv form; argv strings borrowed, copied into the output buffer). */
+void rconn_command_argv(struct rconn *c, rconn_cb cb, void *arg, int argc, const char **argv, const size_t *lens);
+/* Appends one command in hiredis printf form ("SETEX %b %d %b"). */
+void rconn_command(struct rconn *c, rconn_cb cb, void *arg, const char *fmt, ...);
+
+/* Appends a command whose replies are not awaited: on a subscribed connection they go to push_cb. */
+void rconn_send(struct rconn *c, const char *fmt, ...);
+
+/* Writes as much of the output buffer as the socket accepts. Returns 0, or -1 when the connection broke
+ * (then c->errstr says why; the caller closes). */
+int rconn_flush(struct rconn *c);
+/* Reads what is available and dispatches every complete reply. Returns 0, or -1 when the connection broke. */
+int rconn_read(struct rconn *c);
+
+/* A blocking command on an open connection, for start-up and rare maintenance only: flushes, then waits
+ * for this command's reply (dispatching earlier ones). Returns the reply (caller frees with freeReplyObject)
+ * or NULL on a broken connection. */
+redisReply *rconn_call(struct rconn *c, const char *fmt, ...);
+redisReply *rconn_call_argv(struct rconn *c, int argc, const char **argv, const size_t *lens);
+
+#endif

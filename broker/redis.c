@@ -1,0 +1,804 @@
+/* The Redis transport: see the DESIGN note in broker.h. Runs in the worker's main process only. */
+#include <jansson.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "broker.h"
+#include "rconn.h"
+
+#define SEP "\x06\x16"
+#define MAX_FETCH 1000 /* the script unpacks 2 values per message; Lua's stack allows ~8000 */
+#define POLL_FALLBACK_S 0.05
+
+static const char *const priority_steps[] = {"", SEP "3", SEP "6", SEP "9"};
+enum { NPRIO = 4 };
+
+/* KEYS: unacked_index, unacked, then the queue lists in pop order.
+ * ARGV: max, score, prefix for tags of messages that carry none, then one JSON-escaped queue name per list.
+ * Returns {tag, message, list number (1-based), ...}. A message that cannot be JSON is recorded as a JSON
+ * string so that kombu's restore (which json-loads the record) never chokes on it. */
+static const char pop_script[] =
+    "local max = tonumber(ARGV[1])\n"
+    "local out, z, h, seen = {}, {}, {}, {}\n"
+    "local n = 0\n"
+    "for i = 3, #KEYS do\n"
+    "  local want = max - n\n"
+    "  if want <= 0 then break end\n"
+    "  local got = redis.call('RPOP', KEYS[i], want)\n"
+    "  if got then\n"
+    "    local route = ', \"\", \"' .. ARGV[i + 1] .. '\"]'\n"
+    "    for j = 1, #got do\n"
+    "      local m = got[j]\n"
+    "      n = n + 1\n"
+    "      local tag\n"
+    "      local s, e = string.find(m, '\"delivery_tag\"', 1, true)\n"
+    "      if s then tag = string.match(m, '^%s*:%s*\"([%w%-_.]+)\"', e + 1) end\n"
+    "      if not tag or #tag > 100 or seen[tag] then tag = ARGV[3] .. n end\n"
+    "      seen[tag] = true\n"
+    "      local rec\n"
+    "      if string.byte(m, 1) == 123 and string.byte(m, -1) == 125 then\n"
+    "        rec = '[' .. m .. route\n"
+    "      else\n"
+    "        rec = '[' .. cjson.encode(m) .. route\n"
+    "      end\n"
+    "      z[#z + 1] = ARGV[2]; z[#z + 1] = tag\n"
+    "      h[#h + 1] = tag; h[#h + 1] = rec\n"
+    "      out[#out + 1] = tag; out[#out + 1] = m; out[#out + 1] = i - 2\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "if n > 0 then\n"
+    "  redis.call('ZADD', KEYS[1], unpack(z))\n"
+    "  redis.call('HSET', KEYS[2], unpack(h))\n"
+    "end\n"
+    "return out\n";
+
+/* KEYS: unacked_index, unacked, destination lists. ARGV: tag, payload, "L" (far end) or "R" (next out).
+ * Restores only while the record exists, so two restorers never both push the same message. */
+static const char restore_script[] =
+    "if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end\n"
+    "redis.call('ZREM', KEYS[1], ARGV[1])\n"
+    "redis.call('HDEL', KEYS[2], ARGV[1])\n"
+    "for i = 3, #KEYS do\n"
+    "  if ARGV[3] == 'L' then redis.call('LPUSH', KEYS[i], ARGV[2]) else redis.call('RPUSH', KEYS[i], ARGV[2]) end\n"
+    "end\n"
+    "return 1\n";
+
+static const char unlock_script[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end\n"
+    "return 0\n";
+
+/* A set of strings (the tags this worker holds), open addressing with tombstones. */
+struct tagset {
+    char **slots;
+    size_t cap, used, live;
+};
+#define TOMBSTONE ((char *)1)
+
+static uint64_t hash_str(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h;
+}
+
+static void tagset_add(struct tagset *t, const char *tag);
+
+static void tagset_grow(struct tagset *t)
+{
+    struct tagset old = *t;
+    t->cap = old.cap ? old.cap * 2 : 64;
+    while (t->cap < old.live * 4)
+        t->cap *= 2;
+    t->slots = calloc(t->cap, sizeof *t->slots);
+    if (!t->slots)
+        abort();
+    t->used = t->live = 0;
+    for (size_t i = 0; i < old.cap; i++) {
+        if (old.slots[i] && old.slots[i] != TOMBSTONE) {
+            tagset_add(t, old.slots[i]);
+            free(old.slots[i]);
+        }
+    }
+    free(old.slots);
+}
+
+static void tagset_add(struct tagset *t, const char *tag)
+{
+    if ((t->used + 1) * 2 > t->cap)
+        tagset_grow(t);
+    size_t i = hash_str(tag) & (t->cap - 1);
+    while (t->slots[i] && (t->slots[i] == TOMBSTONE || strcmp(t->slots[i], tag) != 0))
+        i = (i + 1) & (t->cap - 1);
+    if (t->slots[i])
+        return;
+    t->slots[i] = strdup(tag);
+    t->used++;
+    t->live++;
+}
+
+static bool tagset_remove(struct tagset *t, const char *tag)
+{
+    if (!t->cap)
+        return false;
+    size_t i = hash_str(tag) & (t->cap - 1);
+    for (; t->slots[i]; i = (i + 1) & (t->cap - 1)) {
+        if (t->slots[i] != TOMBSTONE && strcmp(t->slots[i], tag) == 0) {
+            free(t->slots[i]);
+            t->slots[i] = TOMBSTONE;
+            t->live--;
+            return true;
+        }
+    }
+    return false;
+}
+
+static bool tagset_has(const struct tagset *t, const char *tag)
+{
+    if (!t->cap)
+        return false;
+    size_t i = hash_str(tag) & (t->cap - 1);
+    for (; t->slots[i]; i = (i + 1) & (t->cap - 1))
+        if (t->slots[i] != TOMBSTONE && strcmp(t->slots[i], tag) == 0)
+            return true;
+    return false;
+}
+
+static void tagset_free(struct tagset *t)
+{
+    for (size_t i = 0; i < t->cap; i++)
+        if (t->slots[i] && t->slots[i] != TOMBSTONE)
+            free(t->slots[i]);
+    free(t->slots);
+    memset(t, 0, sizeof *t);
+}
+
+struct broker {
+    struct rconn main;       /* scripts, acks, restores */
+    struct rconn wake;       /* subscribed to key invalidations for the queue lists */
+    struct broker_handlers h;
+    void *arg;
+
+    char **queues;           /* owned copies */
+    char **queues_json;      /* the names JSON-escaped, for the unacked record */
+    size_t nqueues;
+    size_t rotation;         /* round robin: the queue that is asked first */
+    char **keys;             /* every list key, queue-major: keys[q * NPRIO + p] */
+    double visibility_timeout;
+
+    char pop_sha[41], restore_sha[41], unlock_sha[41];
+    char tag_prefix[48];
+    unsigned long long fetch_count;
+
+    int fetch_requested;     /* > 0 while a fetch is in flight */
+    bool maybe_ready;        /* the queues may hold messages */
+    unsigned long wake_seq;  /* invalidations seen */
+    unsigned long fetch_wake_seq;
+    bool tracking;           /* invalidations are on; else poll every POLL_FALLBACK_S */
+    double next_poll, next_restore;
+
+    int *fetch_list_queue;   /* for the fetch in flight: list number (0-based) -> queue index */
+    struct tagset held;      /* tags delivered and not yet acked or requeued */
+    char **acks;             /* tags to ack at the next flush (owned) */
+    size_t nacks, cap_acks;
+    char errstr[256];
+};
+
+static double now_epoch(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + tv.tv_usec / 1e6;
+}
+
+static int load_script(struct broker *b, const char *src, char *sha)
+{
+    redisReply *r = rconn_call(&b->main, "SCRIPT LOAD %s", src);
+    int rc = -1;
+    if (r && r->type == REDIS_REPLY_STRING && r->len == 40) {
+        memcpy(sha, r->str, 41);
+        rc = 0;
+    } else {
+        snprintf(b->errstr, sizeof b->errstr, "SCRIPT LOAD failed: %.200s",
+                 r && r->type == REDIS_REPLY_ERROR ? r->str : b->main.errstr);
+    }
+    if (r)
+        freeReplyObject(r);
+    return rc;
+}
+
+static bool is_queue_key(const struct broker *b, const char *key, size_t len)
+{
+    for (size_t i = 0; i < b->nqueues * NPRIO; i++)
+        if (strlen(b->keys[i]) == len && memcmp(b->keys[i], key, len) == 0)
+            return true;
+    return false;
+}
+
+/* Replies on the wake connection: subscription confirmations and invalidation messages
+ * ["message", "__redis__:invalidate", [keys...] or nil]. */
+static void on_wake_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)c;
+    (void)steal;
+    struct broker *b = arg;
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 3 || r->element[0]->type != REDIS_REPLY_STRING ||
+        strcmp(r->element[0]->str, "message") != 0)
+        return;
+    redisReply *keys = r->element[2];
+    bool relevant = keys->type != REDIS_REPLY_ARRAY; /* nil: the whole keyspace was flushed */
+    for (size_t i = 0; !relevant && i < keys->elements; i++)
+        relevant = keys->element[i]->type == REDIS_REPLY_STRING &&
+                   is_queue_key(b, keys->element[i]->str, keys->element[i]->len);
+    if (relevant) {
+        b->wake_seq++;
+        b->maybe_ready = true;
+    }
+}
+
+/* Queue names that are a prefix of another would make Redis refuse the tracking prefixes as overlapping;
+ * the shorter one covers both. */
+static bool prefix_covered(const struct broker *b, size_t i)
+{
+    for (size_t j = 0; j < b->nqueues; j++) {
+        if (j == i)
+            continue;
+        size_t lj = strlen(b->queues[j]);
+        if (strncmp(b->queues[i], b->queues[j], lj) == 0 && (strlen(b->queues[i]) > lj || j < i))
+            return true;
+    }
+    return false;
+}
+
+static void setup_tracking(struct broker *b, const struct broker_endpoint *ep)
+{
+    b->tracking = false;
+    if (rconn_open(&b->wake, "broker-wake", ep, 5000) < 0)
+        goto fallback;
+    redisReply *r = rconn_call(&b->wake, "CLIENT ID");
+    long long id = r && r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+    if (r)
+        freeReplyObject(r);
+    if (id < 0)
+        goto fallback;
+    b->wake.push_cb = on_wake_push;
+    b->wake.push_arg = b;
+    rconn_send(&b->wake, "SUBSCRIBE __redis__:invalidate");
+    if (rconn_flush(&b->wake) < 0)
+        goto fallback;
+
+    const char *argv[8 + 2 * 64];
+    size_t lens[8 + 2 * 64];
+    char idbuf[32];
+    int argc = 0;
+    snprintf(idbuf, sizeof idbuf, "%lld", id);
+    const char *head[] = {"CLIENT", "TRACKING", "ON", "REDIRECT", idbuf, "BCAST", "NOLOOP"};
+    for (size_t i = 0; i < 7; i++)
+        argv[argc++] = head[i];
+    if (b->nqueues > 63) {
+        snprintf(b->errstr, sizeof b->errstr, "more than 63 queues");
+        goto fallback;
+    }
+    for (size_t i = 0; i < b->nqueues; i++) {
+        if (prefix_covered(b, i))
+            continue;
+        argv[argc++] = "PREFIX";
+        argv[argc++] = b->queues[i];
+    }
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    redisReply *tr = rconn_call_argv(&b->main, argc, argv, lens);
+    if (!tr || tr->type == REDIS_REPLY_ERROR) {
+        snprintf(b->errstr, sizeof b->errstr, "%s", tr ? tr->str : b->main.errstr);
+        if (tr)
+            freeReplyObject(tr);
+        goto fallback;
+    }
+    freeReplyObject(tr);
+    b->tracking = true;
+    return;
+fallback:
+    /* Still correct, only slower to notice new messages when idle. */
+    fprintf(stderr, "celeriac: CLIENT TRACKING unavailable (%s); polling the queues every %.0f ms\n",
+            b->errstr[0] ? b->errstr : b->wake.errstr, POLL_FALLBACK_S * 1000);
+    b->errstr[0] = '\0';
+    rconn_close(&b->wake);
+}
+
+static char *json_escaped(const char *s)
+{
+    json_t *str = json_string(s);
+    char *dumped = json_dumps(str, JSON_ENCODE_ANY);
+    json_decref(str);
+    /* strip the quotes */
+    size_t n = strlen(dumped);
+    memmove(dumped, dumped + 1, n - 2);
+    dumped[n - 2] = '\0';
+    return dumped;
+}
+
+struct broker *broker_open(const struct broker_endpoint *ep, const struct broker_options *opt,
+                           const struct broker_handlers *h, void *arg, char *err, size_t errlen)
+{
+    struct broker *b = calloc(1, sizeof *b);
+    if (!b)
+        abort();
+    b->h = *h;
+    b->arg = arg;
+    b->visibility_timeout = opt->visibility_timeout;
+    b->nqueues = opt->nqueues;
+    b->queues = calloc(opt->nqueues, sizeof *b->queues);
+    b->queues_json = calloc(opt->nqueues, sizeof *b->queues_json);
+    b->keys = calloc(opt->nqueues * NPRIO, sizeof *b->keys);
+    b->fetch_list_queue = calloc(opt->nqueues * NPRIO, sizeof *b->fetch_list_queue);
+    for (size_t q = 0; q < opt->nqueues; q++) {
+        b->queues[q] = strdup(opt->queues[q]);
+        b->queues_json[q] = json_escaped(opt->queues[q]);
+        for (size_t p = 0; p < NPRIO; p++) {
+            size_t n = strlen(opt->queues[q]) + strlen(priority_steps[p]) + 1;
+            b->keys[q * NPRIO + p] = malloc(n);
+            snprintf(b->keys[q * NPRIO + p], n, "%s%s", opt->queues[q], priority_steps[p]);
+        }
+    }
+    snprintf(b->tag_prefix, sizeof b->tag_prefix, "celeriac-%lx-%lx-", (unsigned long)getpid(),
+             (unsigned long)time(NULL));
+
+    if (rconn_open(&b->main, "broker", ep, 5000) < 0) {
+        snprintf(err, errlen, "%s", b->main.errstr);
+        goto fail;
+    }
+    if (load_script(b, pop_script, b->pop_sha) < 0 || load_script(b, restore_script, b->restore_sha) < 0 ||
+        load_script(b, unlock_script, b->unlock_sha) < 0) {
+        snprintf(err, errlen, "%s", b->errstr);
+        goto fail;
+    }
+    setup_tracking(b, ep);
+    b->maybe_ready = true;
+    double now = now_epoch();
+    b->next_poll = now + POLL_FALLBACK_S;
+    if (broker_restore_visible(b, now) < 0) {
+        snprintf(err, errlen, "%s", b->errstr);
+        goto fail;
+    }
+    return b;
+fail:
+    broker_close(b);
+    return NULL;
+}
+
+void broker_close(struct broker *b)
+{
+    if (!b)
+        return;
+    rconn_close(&b->main);
+    rconn_close(&b->wake);
+    free(b->main.q);
+    free(b->wake.q);
+    for (size_t q = 0; q < b->nqueues; q++) {
+        free(b->queues[q]);
+        free(b->queues_json[q]);
+        for (size_t p = 0; p < NPRIO; p++)
+            free(b->keys[q * NPRIO + p]);
+    }
+    free(b->queues);
+    free(b->queues_json);
+    free(b->keys);
+    free(b->fetch_list_queue);
+    for (size_t i = 0; i < b->nacks; i++)
+        free(b->acks[i]);
+    free(b->acks);
+    tagset_free(&b->held);
+    free(b);
+}
+
+void broker_delivery_free(struct broker_delivery *d)
+{
+    if (!d)
+        return;
+    free(d->tag);
+    free(d->raw);
+    free(d);
+}
+
+const char *broker_errstr(const struct broker *b)
+{
+    return b->errstr[0] ? b->errstr : b->main.errstr;
+}
+
+int broker_pollfds(struct broker *b, struct pollfd *fds, int max)
+{
+    int n = 0;
+    if (n < max && rconn_connected(&b->main))
+        fds[n++] = (struct pollfd){rconn_fd(&b->main), POLLIN | (rconn_wants_write(&b->main) ? POLLOUT : 0), 0};
+    if (n < max && rconn_connected(&b->wake))
+        fds[n++] = (struct pollfd){rconn_fd(&b->wake), POLLIN | (rconn_wants_write(&b->wake) ? POLLOUT : 0), 0};
+    return n;
+}
+
+static int process_conn(struct broker *b, struct rconn *c, const struct pollfd *fds, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (fds[i].fd != rconn_fd(c) || !fds[i].revents)
+            continue;
+        if ((fds[i].revents & POLLOUT) && rconn_flush(c) < 0)
+            goto broken;
+        if ((fds[i].revents & (POLLIN | POLLHUP | POLLERR)) && rconn_read(c) < 0)
+            goto broken;
+    }
+    return 0;
+broken:
+    snprintf(b->errstr, sizeof b->errstr, "%s", c->errstr);
+    rconn_close(c);
+    return -1;
+}
+
+int broker_process(struct broker *b, const struct pollfd *fds, int n)
+{
+    if (process_conn(b, &b->main, fds, n) < 0)
+        return -1;
+    if (rconn_connected(&b->wake) && process_conn(b, &b->wake, fds, n) < 0) {
+        /* Losing the wake-up channel only costs latency: fall back to polling. */
+        fprintf(stderr, "celeriac: %s; polling the queues instead\n", b->errstr);
+        b->errstr[0] = '\0';
+        b->tracking = false;
+    }
+    return 0;
+}
+
+static void send_acks(struct broker *b)
+{
+    if (!b->nacks)
+        return;
+    size_t argc = b->nacks + 2;
+    const char **argv = malloc(argc * sizeof *argv);
+    size_t *lens = malloc(argc * sizeof *lens);
+    if (!argv || !lens)
+        abort();
+    for (size_t i = 0; i < b->nacks; i++) {
+        argv[i + 2] = b->acks[i];
+        lens[i + 2] = strlen(b->acks[i]);
+    }
+    argv[0] = "ZREM", lens[0] = 4, argv[1] = "unacked_index", lens[1] = 13;
+    rconn_command_argv(&b->main, NULL, NULL, (int)argc, argv, lens);
+    argv[0] = "HDEL", lens[0] = 4, argv[1] = "unacked", lens[1] = 7;
+    rconn_command_argv(&b->main, NULL, NULL, (int)argc, argv, lens);
+    for (size_t i = 0; i < b->nacks; i++)
+        free(b->acks[i]);
+    b->nacks = 0;
+    free(argv);
+    free(lens);
+}
+
+int broker_flush(struct broker *b)
+{
+    send_acks(b);
+    if (rconn_connected(&b->main) && rconn_flush(&b->main) < 0) {
+        snprintf(b->errstr, sizeof b->errstr, "%s", b->main.errstr);
+        rconn_close(&b->main);
+        return -1;
+    }
+    return rconn_connected(&b->main) ? 0 : -1;
+}
+
+void broker_tick(struct broker *b, double now)
+{
+    if (now >= b->next_poll) {
+        /* With tracking this is only a safety net against a lost invalidation; without it, the poll. */
+        b->maybe_ready = true;
+        b->next_poll = now + (b->tracking ? 1.0 : POLL_FALLBACK_S);
+    }
+    if (now >= b->next_restore)
+        broker_restore_visible(b, now);
+}
+
+int broker_next_tick_ms(const struct broker *b, double now)
+{
+    double next = b->next_poll < b->next_restore ? b->next_poll : b->next_restore;
+    double ms = (next - now) * 1000.0;
+    return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms + 1;
+}
+
+bool broker_should_fetch(const struct broker *b)
+{
+    return b->fetch_requested == 0 && b->maybe_ready && rconn_connected(&b->main);
+}
+
+int broker_fetch_in_flight(const struct broker *b)
+{
+    return b->fetch_requested;
+}
+
+static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)c;
+    (void)steal;
+    struct broker *b = arg;
+    int requested = b->fetch_requested;
+    b->fetch_requested = 0;
+    if (!r)
+        return;
+    if (r->type == REDIS_REPLY_ERROR) {
+        fprintf(stderr, "celeriac: fetch script failed: %s\n", r->str);
+        b->maybe_ready = false; /* retried by the next poll tick instead of spinning */
+        return;
+    }
+    if (r->type != REDIS_REPLY_ARRAY)
+        return;
+    int got = (int)(r->elements / 3);
+    int last_queue = -1;
+    for (size_t i = 0; i + 2 < r->elements; i += 3) {
+        redisReply *tag = r->element[i], *msg = r->element[i + 1], *idx = r->element[i + 2];
+        if (tag->type != REDIS_REPLY_STRING || msg->type != REDIS_REPLY_STRING || idx->type != REDIS_REPLY_INTEGER)
+            continue;
+        struct broker_delivery *d = calloc(1, sizeof *d);
+        if (!d)
+            abort();
+        /* Take the message buffer over from the reply instead of copying it: freeReplyObject frees NULL. */
+        d->raw = msg->str;
+        d->len = msg->len;
+        msg->str = NULL;
+        d->tag = strdup(tag->str);
+        long long list = idx->integer - 1;
+        d->queue = list >= 0 && (size_t)list < b->nqueues * NPRIO ? b->fetch_list_queue[list] : 0;
+        last_queue = d->queue;
+        tagset_add(&b->held, d->tag);
+        b->h.on_deliver(b->arg, d);
+    }
+    if (last_queue >= 0 && b->nqueues > 1) /* kombu moves the queue that delivered to the end */
+        b->rotation = ((size_t)last_queue + 1) % b->nqueues;
+    if (got < requested)
+        b->maybe_ready = b->wake_seq != b->fetch_wake_seq || !b->tracking;
+    if (!b->tracking && got < requested)
+        b->maybe_ready = false; /* polling mode: the tick sets it again */
+}
+
+void broker_fetch(struct broker *b, int max)
+{
+    if (max <= 0 || b->fetch_requested)
+        return;
+    if (max > MAX_FETCH)
+        max = MAX_FETCH;
+    size_t nkeys = b->nqueues * NPRIO;
+    size_t argc = 3 + 2 + nkeys + 3 + nkeys;
+    const char **argv = malloc(argc * sizeof *argv);
+    size_t *lens = malloc(argc * sizeof *lens);
+    if (!argv || !lens)
+        abort();
+    char nk[16], maxs[16], score[32], prefix[80];
+    snprintf(nk, sizeof nk, "%zu", nkeys + 2);
+    snprintf(maxs, sizeof maxs, "%d", max);
+    snprintf(score, sizeof score, "%.6f", now_epoch());
+    snprintf(prefix, sizeof prefix, "%s%llu-", b->tag_prefix, ++b->fetch_count);
+    size_t a = 0;
+    argv[a++] = "EVALSHA";
+    argv[a++] = b->pop_sha;
+    argv[a++] = nk;
+    argv[a++] = "unacked_index";
+    argv[a++] = "unacked";
+    /* Priority-major across queues (kombu's BRPOP key order), starting at the round-robin position. */
+    size_t nq = b->nqueues, first_key = a;
+    for (size_t p = 0; p < NPRIO; p++) {
+        for (size_t i = 0; i < nq; i++) {
+            size_t q = (b->rotation + i) % nq;
+            b->fetch_list_queue[a - first_key] = (int)q;
+            argv[a++] = b->keys[q * NPRIO + p];
+        }
+    }
+    argv[a++] = maxs;
+    argv[a++] = score;
+    argv[a++] = prefix;
+    for (size_t i = 0; i < nkeys; i++)
+        argv[a++] = b->queues_json[b->fetch_list_queue[i]];
+    for (size_t i = 0; i < a; i++)
+        lens[i] = strlen(argv[i]);
+    b->fetch_requested = max;
+    b->fetch_wake_seq = b->wake_seq;
+    b->maybe_ready = false;
+    rconn_command_argv(&b->main, on_fetch_reply, b, (int)a, argv, lens);
+    free(argv);
+    free(lens);
+}
+
+void broker_ack(struct broker *b, const char *tag)
+{
+    if (!tagset_remove(&b->held, tag))
+        return; /* requeued or acked already: acking twice would be harmless, but it is a bug upstream */
+    if (b->nacks == b->cap_acks) {
+        b->cap_acks = b->cap_acks ? b->cap_acks * 2 : 256;
+        b->acks = realloc(b->acks, b->cap_acks * sizeof *b->acks);
+        if (!b->acks)
+            abort();
+    }
+    b->acks[b->nacks++] = strdup(tag);
+}
+
+/* The message with headers.redelivered and properties.delivery_info.redelivered set, as kombu restores it.
+ * A message that is not a JSON object goes back unchanged: it is rejected again, with a log line, when it is
+ * next consumed, which is better than dropping it here. Caller frees with free(). */
+static char *mark_redelivered(const char *raw, size_t len)
+{
+    json_error_t jerr;
+    json_t *msg = json_loadb(raw, len, JSON_ALLOW_NUL, &jerr);
+    char *out = NULL;
+    if (msg && json_is_object(msg)) {
+        json_t *headers = json_object_get(msg, "headers");
+        if (json_is_object(headers))
+            json_object_set_new(headers, "redelivered", json_true());
+        json_t *props = json_object_get(msg, "properties");
+        json_t *info = json_is_object(props) ? json_object_get(props, "delivery_info") : NULL;
+        if (json_is_object(info))
+            json_object_set_new(info, "redelivered", json_true());
+        out = json_dumps(msg, JSON_REAL_PRECISION(17));
+    }
+    json_decref(msg);
+    if (!out) {
+        out = malloc(len + 1);
+        if (!out)
+            abort();
+        memcpy(out, raw, len);
+        out[len] = '\0';
+    }
+    return out;
+}
+
+static void restore_to(struct broker *b, const char *tag, const char *payload, const char *const *queues,
+                       size_t nqueues, const char *end, bool wait)
+{
+    size_t argc = 3 + 2 + nqueues + 3;
+    const char **argv = malloc(argc * sizeof *argv);
+    size_t *lens = malloc(argc * sizeof *lens);
+    if (!argv || !lens)
+        abort();
+    char nk[16];
+    snprintf(nk, sizeof nk, "%zu", nqueues + 2);
+    size_t a = 0;
+    argv[a++] = "EVALSHA";
+    argv[a++] = b->restore_sha;
+    argv[a++] = nk;
+    argv[a++] = "unacked_index";
+    argv[a++] = "unacked";
+    for (size_t i = 0; i < nqueues; i++)
+        argv[a++] = queues[i];
+    argv[a++] = tag;
+    argv[a++] = payload;
+    argv[a++] = end;
+    for (size_t i = 0; i < a; i++)
+        lens[i] = strlen(argv[i]);
+    if (wait) {
+        redisReply *r = rconn_call_argv(&b->main, (int)a, argv, lens);
+        if (r)
+            freeReplyObject(r);
+    } else {
+        rconn_command_argv(&b->main, NULL, NULL, (int)a, argv, lens);
+    }
+    free(argv);
+    free(lens);
+}
+
+void broker_requeue(struct broker *b, const struct broker_delivery *d)
+{
+    if (!tagset_remove(&b->held, d->tag))
+        return;
+    char *payload = mark_redelivered(d->raw, d->len);
+    const char *queue = b->queues[d->queue];
+    restore_to(b, d->tag, payload, &queue, 1, "R", false);
+    free(payload);
+}
+
+/* The queues a kombu record [message, exchange, routing_key] goes back to: the routing key itself for the
+ * default exchange, else the queues bound to the exchange with that routing key. Caller frees each and the
+ * array. */
+static size_t route_record(struct broker *b, const char *exchange, const char *routing_key, char ***out)
+{
+    *out = NULL;
+    if (!exchange[0]) {
+        *out = malloc(sizeof **out);
+        (*out)[0] = strdup(routing_key);
+        return 1;
+    }
+    redisReply *r = rconn_call(&b->main, "SMEMBERS _kombu.binding.%s", exchange);
+    size_t n = 0;
+    if (r && r->type == REDIS_REPLY_ARRAY) {
+        *out = calloc(r->elements + 1, sizeof **out);
+        for (size_t i = 0; i < r->elements; i++) {
+            /* routing_key SEP pattern SEP queue */
+            const char *m = r->element[i]->str;
+            const char *s1 = m ? strstr(m, SEP) : NULL;
+            const char *s2 = s1 ? strstr(s1 + 2, SEP) : NULL;
+            if (!s2 || (size_t)(s1 - m) != strlen(routing_key) || strncmp(m, routing_key, (size_t)(s1 - m)) != 0)
+                continue;
+            (*out)[n++] = strdup(s2 + 2);
+        }
+    }
+    if (r)
+        freeReplyObject(r);
+    return n;
+}
+
+static int restore_one(struct broker *b, const char *tag)
+{
+    redisReply *r = rconn_call(&b->main, "HGET unacked %s", tag);
+    if (!r)
+        return -1;
+    int restored = 0;
+    json_t *rec = r->type == REDIS_REPLY_STRING ? json_loadb(r->str, r->len, 0, NULL) : NULL;
+    json_t *m = json_array_get(rec, 0);
+    const char *ex = json_string_value(json_array_get(rec, 1));
+    const char *rk = json_string_value(json_array_get(rec, 2));
+    if (!m || !ex || !rk) {
+        if (r->type == REDIS_REPLY_STRING)
+            fprintf(stderr, "celeriac: unacked record %s is not [message, exchange, routing_key]; left as is\n", tag);
+        else /* gone: someone else restored or acked it meanwhile; drop its index entry if left */
+            rconn_command(&b->main, NULL, NULL, "ZREM unacked_index %s", tag);
+        goto out;
+    }
+    char *payload;
+    if (json_is_string(m)) { /* recorded as a string by the fetch script because it was not JSON */
+        payload = strdup(json_string_value(m));
+    } else {
+        char *dumped = json_dumps(m, JSON_REAL_PRECISION(17));
+        payload = mark_redelivered(dumped, strlen(dumped));
+        free(dumped);
+    }
+    char **queues;
+    size_t nq = route_record(b, ex, rk, &queues);
+    if (nq) {
+        restore_to(b, tag, payload, (const char *const *)queues, nq, "R", true);
+        restored = 1;
+    } else {
+        fprintf(stderr, "celeriac: no queue bound for unacked record %s (exchange '%s', key '%s'); left as is\n",
+                tag, ex, rk);
+    }
+    for (size_t i = 0; i < nq; i++)
+        free(queues[i]);
+    free(queues);
+    free(payload);
+out:
+    json_decref(rec);
+    freeReplyObject(r);
+    return restored;
+}
+
+int broker_restore_visible(struct broker *b, double now)
+{
+    double period = b->visibility_timeout < 60 ? b->visibility_timeout : 60;
+    b->next_restore = now + (period < 1 ? 1 : period);
+    if (!rconn_connected(&b->main))
+        return -1;
+    char token[64];
+    snprintf(token, sizeof token, "%s%.6f", b->tag_prefix, now);
+    redisReply *lock = rconn_call(&b->main, "SET unacked_mutex %s PX 300000 NX", token);
+    if (!lock)
+        return -1;
+    bool held = lock->type == REDIS_REPLY_STATUS;
+    freeReplyObject(lock);
+    if (!held)
+        return 0; /* another consumer is restoring right now */
+    int restored = 0;
+    char ceiling[32];
+    snprintf(ceiling, sizeof ceiling, "%.6f", now - b->visibility_timeout);
+    redisReply *r = rconn_call(&b->main, "ZREVRANGEBYSCORE unacked_index %s 0 WITHSCORES", ceiling);
+    for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i + 1 < r->elements; i += 2) {
+        const char *tag = r->element[i]->str;
+        if (!tag || tagset_has(&b->held, tag))
+            continue; /* ours and still being worked on */
+        int rc = restore_one(b, tag);
+        if (rc < 0)
+            break;
+        restored += rc;
+    }
+    if (r)
+        freeReplyObject(r);
+    redisReply *u = rconn_call(&b->main, "EVALSHA %s 1 unacked_mutex %s", b->unlock_sha, token);
+    if (u)
+        freeReplyObject(u);
+    if (restored)
+        fprintf(stderr, "celeriac: restored %d unacked message(s) older than the visibility timeout\n", restored);
+    return restored;
+}

@@ -1,0 +1,37 @@
+/* registry: the one table of built-in native tasks. Adding a task means adding a row here, kept sorted by
+ * name (a unit test checks the order, which task_registry_find's binary search relies on). */
+#include "task.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const struct task_def registry[] = {
+    {"native.add", task_builtin_add, "x, y", "x + y for ints and floats"},
+    {"native.echo", task_builtin_echo, "*args, **kwargs", "{\"args\": args, \"kwargs\": kwargs}, values kept exactly"},
+    {"native.fail", task_builtin_fail, "message", "fails with ValueError(message)"},
+    {"native.fib", task_builtin_fib, "n", "the n-th Fibonacci number by naive recursion, 0 <= n <= 92"},
+    {"native.incr", task_builtin_incr, "key", "INCR key in the broker's Redis database, returns the new value"},
+    {"native.noop", task_builtin_noop, "", "does nothing, returns None"},
+    {"native.sleep_ms", task_builtin_sleep_ms, "ms", "sleeps ms milliseconds, returns ms"},
+    {"native.xsum", task_builtin_xsum, "values", "the sum of a list of numbers"},
+};
+
+#define REGISTRY_SIZE (sizeof registry / sizeof registry[0])
+
+static int compare_name(const void *key, const void *elem)
+{
+    return strcmp(key, ((const struct task_def *)elem)->name);
+}
+
+const struct task_def *task_registry_find(const char *name)
+{
+    if (!name)
+        return NULL;
+    return bsearch(name, registry, REGISTRY_SIZE, sizeof registry[0], compare_name);
+}
+
+void task_registry_each(void (*fn)(const struct task_def *task, void *arg), void *arg)
+{
+    for (size_t i = 0; i < REGISTRY_SIZE; i++)
+        fn(&registry[i], arg);
+}

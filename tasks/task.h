@@ -1,0 +1,104 @@
+/* task: the contract between the worker and a native task, and the registry of built-in tasks.
+ *
+ * A task is a function that receives its arguments already bound and checked against its declared
+ * parameters (so wrong counts never reach it), and either succeeds with a JSON result or fails with a Python
+ * exception type name and message. It runs in a pool child process; it may block, and it may use the
+ * services the context offers (a Redis connection). It never sees the broker or the result backend.
+ *
+ * Arguments follow jansson's conventions: `args` and `kwargs` are borrowed; `*result` is a new reference the
+ * worker takes over (NULL means None). */
+#ifndef CELERIAC_TASK_H
+#define CELERIAC_TASK_H
+
+#include <jansson.h>
+#include <stdbool.h>
+
+struct redisContext;
+
+enum task_outcome {
+    TASK_SUCCESS = 0,
+    TASK_FAILURE = 1, /* the context carries exc_type and exc_message (see task_fail) */
+};
+
+struct task_ctx {
+    /* About the request: borrowed, valid for the duration of the call. */
+    const char *task_id;
+    const char *task_name;
+    const char *hostname; /* the worker's node name */
+    long long retries;
+
+    /* Set by task_fail; owned by the context, released by task_ctx_reset. */
+    char exc_type[64];
+    char *exc_message;
+
+    /* Services from the worker. redis() returns a connected blocking context on the broker's Redis database
+     * (or NULL with an error set through task_fail already); the context stays owned by the worker. */
+    struct redisContext *(*redis)(struct task_ctx *ctx);
+    void *host; /* the worker's private data for the services above */
+};
+
+/* The bound-argument calling convention: `args` is an array holding one value per declared positional
+ * parameter, in order (defaults already filled in); for a task declared with "*args, **kwargs" it is the
+ * caller's args array and `kwargs` the caller's kwargs object, untouched. */
+typedef enum task_outcome (*task_fn)(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+
+struct task_def {
+    const char *name;   /* the Celery task name, e.g. "native.add" */
+    task_fn fn;
+    const char *params; /* Python-style parameter list used for binding: "x, y", "n", "*args, **kwargs", "" */
+    const char *doc;    /* one line */
+};
+
+/* Records a failure on ctx and returns TASK_FAILURE, so a task can `return task_fail(ctx, "ValueError", ...)`.
+ * exc_type is the Python exception class name a client will see (e.g. "TypeError"); the message is
+ * printf-formatted. */
+enum task_outcome task_fail(struct task_ctx *ctx, const char *exc_type, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Releases what task_fail stored, leaving the request fields alone. */
+void task_ctx_reset(struct task_ctx *ctx);
+
+/* The registry: built-in tasks. Returns NULL for an unknown name. */
+const struct task_def *task_registry_find(const char *name);
+/* Calls fn(task, arg) for every registered task, in name order. */
+void task_registry_each(void (*fn)(const struct task_def *task, void *arg), void *arg);
+
+/* Binds the caller's args (array, borrowed) and kwargs (object, borrowed) to task->params and calls it.
+ * A mismatch fails the task with TypeError worded as Python words it, e.g.
+ * "add() missing 1 required positional argument: 'y'", "add() takes 2 positional arguments but 3 were given",
+ * "add() got an unexpected keyword argument 'z'", "add() got multiple values for argument 'x'". */
+enum task_outcome task_invoke(const struct task_def *task, struct task_ctx *ctx, json_t *args, json_t *kwargs,
+                              json_t **result);
+
+/* Binding details (tasks/task.c), fixed so that clients can rely on them:
+ * - params grammar: comma-separated `name`, `name=default`, then optionally `*name`, then optionally `**name`.
+ *   A default is a JSON literal (1, 2.5, "s", null, true, false; None/True/False are accepted too). Keyword-only
+ *   parameters (after *args) are not supported. A malformed params string fails every call with SystemError.
+ * - checks run in CPython 3.11's order: keywords first (unexpected / multiple values, in the kwargs' order),
+ *   then too many positionals, then missing ones; the messages are CPython's, naming the part of the task
+ *   name after the last '.'.
+ * - args that is not an array, or kwargs not an object, is a TypeError ("add() argument after ** must be a
+ *   mapping, not list"); NULL stands for an empty array / object.
+ * - the task receives kwargs == NULL unless it declares **kwargs; then it gets the keywords that matched no
+ *   named parameter (the caller's object itself when the task has no named parameters).
+ * - when the task fails, *result is NULL; when a task returns TASK_FAILURE without calling task_fail, the
+ *   failure is reported as SystemError so that a result is always well formed. */
+
+/* Python's type name for a JSON value ("NoneType", "bool", "int", "float", "str", "list", "dict"), as used in
+ * TypeError messages. value is borrowed; NULL is "NoneType". */
+const char *task_pytype(const json_t *value);
+
+/* The built-in tasks (tasks/builtins.c), listed in the registry table in tasks/registry.c. They expect the
+ * bound-argument convention above and are exposed so that tests can call them directly. Numbers follow Python:
+ * bool counts as an int (True + 1 == 2); ints are int64 and leaving that range is an OverflowError instead of
+ * Python's big ints; a float result that is not finite (1e308 + 1e308) is an OverflowError too, because JSON
+ * (and jansson) cannot carry inf. */
+enum task_outcome task_builtin_noop(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_add(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_echo(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_fib(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_sleep_ms(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_fail(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_xsum(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_incr(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+
+#endif

@@ -1,0 +1,545 @@
+/* The main loop: see consumer.h. Main process only; pool children never run any of this. */
+#include "consumer.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "broker.h"
+#include "buf.h"
+#include "executor.h"
+#include "log.h"
+#include "message.h"
+#include "pool.h"
+#include "result.h"
+#include "task.h"
+
+/* One message from the moment it is fetched until it is settled (result stored and acked, or requeued). */
+struct job {
+    struct broker_delivery *delivery; /* owned */
+    struct msg_request req;           /* decoded in the main process; owned */
+    uint64_t seq;
+    bool acked;
+    bool requeued;
+    struct job *next;                 /* in the ready list or in its child's list */
+};
+
+struct job_list {
+    struct job *head, *tail;
+    int len;
+};
+
+struct child_state {
+    struct job_list jobs; /* sent to the child, in the order it runs them */
+};
+
+struct consumer {
+    const struct config *cfg;
+    struct broker_endpoint broker_ep, backend_ep;
+    struct redis_url broker_url, backend_url;
+    char *broker_display, *backend_display;
+    struct broker *broker;
+    struct backend *backend; /* NULL: results are not stored (no result backend configured) */
+    struct pool *pool;
+    struct child_state *children;
+
+    struct job_list ready; /* decoded, waiting for a child */
+    int held;              /* fetched and not yet acked or requeued: what prefetch bounds */
+    int prefetch;
+    int stores_in_flight;
+    uint64_t next_seq;
+    unsigned long processed;
+    bool stopping;         /* warm shutdown under way */
+    bool cold;             /* cold shutdown requested */
+};
+
+/* Signal handlers only record what arrived; the loop acts on it (style.md). */
+static volatile sig_atomic_t got_term, got_quit;
+static int signal_pipe[2] = {-1, -1};
+
+static void on_signal(int sig)
+{
+    int saved = errno;
+    if (sig == SIGQUIT)
+        got_quit = 1;
+    else
+        got_term++;
+    char c = (char)sig;
+    if (write(signal_pipe[1], &c, 1) < 0) {
+        /* the pipe is full: the loop is already awake */
+    }
+    errno = saved;
+}
+
+static double epoch_now(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + tv.tv_usec / 1e6;
+}
+
+static void list_push(struct job_list *l, struct job *j)
+{
+    j->next = NULL;
+    if (l->tail)
+        l->tail->next = j;
+    else
+        l->head = j;
+    l->tail = j;
+    l->len++;
+}
+
+static struct job *list_pop(struct job_list *l)
+{
+    struct job *j = l->head;
+    if (!j)
+        return NULL;
+    l->head = j->next;
+    if (!l->head)
+        l->tail = NULL;
+    l->len--;
+    j->next = NULL;
+    return j;
+}
+
+static void job_free(struct job *j)
+{
+    msg_request_clear(&j->req);
+    broker_delivery_free(j->delivery);
+    free(j);
+}
+
+static void job_ack(struct consumer *c, struct job *j)
+{
+    if (j->acked)
+        return;
+    broker_ack(c->broker, j->delivery->tag);
+    j->acked = true;
+    c->held--;
+}
+
+static void job_label(const struct job *j, char *dst, size_t len)
+{
+    snprintf(dst, len, "%s[%s]", j->req.task.s ? j->req.task.s : "<unknown>", j->req.id.s ? j->req.id.s : "?");
+}
+
+/* ------------------------------------------------------------------ results */
+
+static void on_stored(void *arg, bool ok);
+
+struct store_ctx {
+    struct consumer *c;
+    struct job *job; /* settled (acked if late, freed) once stored; NULL for documents of no job */
+};
+
+static void store_doc(struct consumer *c, struct job *j, const char *task_id, const char *doc, size_t len)
+{
+    if (!c->backend || !len || !task_id) {
+        if (j) {
+            job_ack(c, j);
+            job_free(j);
+        }
+        return;
+    }
+    struct store_ctx *sc = malloc(sizeof *sc);
+    if (!sc)
+        abort();
+    sc->c = c;
+    sc->job = j;
+    c->stores_in_flight++;
+    backend_store(c->backend, task_id, doc, len, on_stored, sc);
+}
+
+static void on_stored(void *arg, bool ok)
+{
+    struct store_ctx *sc = arg;
+    struct consumer *c = sc->c;
+    c->stores_in_flight--;
+    if (sc->job) {
+        if (!ok) {
+            char label[256];
+            job_label(sc->job, label, sizeof label);
+            log_error("Could not store the result of %s: %s", label, backend_errstr(c->backend));
+            /* With late ack the message stays unacked, so the visibility timeout brings it back. */
+            if (!sc->job->acked)
+                sc->job->acked = true, c->held--;
+        }
+        job_ack(c, sc->job);
+        job_free(sc->job);
+    }
+    free(sc);
+}
+
+/* Settles a job the main process refuses without running it: FAILURE stored when the id is known, acked. */
+static void fail_job(struct consumer *c, struct job *j, const char *exc_type, const char *message)
+{
+    struct buf doc = {0};
+    if (j->req.id.s && !j->req.ignore_result) {
+        struct buf tb = {0};
+        result_traceback(&tb, j->req.task.s ? j->req.task.s : "?", exc_type, message);
+        struct result_meta meta = {j->req.id.s, j->req.group.s, j->req.parent_id.s};
+        result_doc_exception(&doc, &meta, "FAILURE", exc_type, message, tb.data, epoch_now());
+        buf_free(&tb);
+    }
+    store_doc(c, j, j->req.id.s, doc.data, doc.len);
+    buf_free(&doc);
+}
+
+/* ------------------------------------------------------------------ broker events */
+
+static void on_deliver(void *arg, struct broker_delivery *d)
+{
+    struct consumer *c = arg;
+    struct job *j = calloc(1, sizeof *j);
+    if (!j)
+        abort();
+    j->delivery = d;
+    j->seq = ++c->next_seq;
+    c->held++;
+    if (c->stopping) {
+        /* Fetched after the shutdown began: straight back where it came from. */
+        broker_requeue(c->broker, d);
+        c->held--;
+        job_free(j);
+        return;
+    }
+    char err[256] = "";
+    int rc = msg_decode(d->raw, d->len, 0, &j->req, err, sizeof err);
+    if (rc != MSG_OK) {
+        size_t show = d->len < 512 ? d->len : 512;
+        log_error("Received invalid message%s%s: %s; message (%zu bytes): %.*s", j->req.id.s ? " for task " : "",
+                  j->req.id.s ? j->req.id.s : "", err, d->len, (int)show, d->raw);
+        fail_job(c, j, executor_decode_exc_type(rc), err);
+        return;
+    }
+    if (!task_registry_find(j->req.task.s)) {
+        log_error("Received unregistered task of type '%s'.\nThe message has been ignored and discarded.",
+                  j->req.task.s);
+        fail_job(c, j, "NotRegistered", j->req.task.s);
+        return;
+    }
+    if (log_enabled(LOG_INFO)) {
+        char label[256];
+        job_label(j, label, sizeof label);
+        log_info("Task %s received", label);
+    }
+    list_push(&c->ready, j);
+}
+
+/* ------------------------------------------------------------------ pool events */
+
+static void on_result(void *arg, int child, const struct pool_result *r)
+{
+    struct consumer *c = arg;
+    struct job *j = list_pop(&c->children[child].jobs);
+    if (!j || j->seq != r->seq) {
+        log_critical("pool child %d answered out of order (seq %llu); this is a bug", child,
+                     (unsigned long long)r->seq);
+        if (j)
+            job_free(j);
+        return;
+    }
+    c->processed++;
+    if (log_enabled(LOG_INFO)) {
+        char label[256];
+        job_label(j, label, sizeof label);
+        if (r->failed)
+            log_info("Task %s raised unexpected: %s", label, r->summary);
+        else
+            log_info("Task %s succeeded in %.6gs: %s", label, r->runtime, r->summary);
+    }
+    store_doc(c, j, j->req.id.s, r->doc, r->doc_len);
+}
+
+static void on_child_exit(void *arg, int child, int status)
+{
+    struct consumer *c = arg;
+    struct job_list lost = c->children[child].jobs;
+    c->children[child].jobs = (struct job_list){0};
+    char why[96];
+    if (WIFSIGNALED(status))
+        snprintf(why, sizeof why, "signal %d (%s)", WTERMSIG(status), sigabbrev_np(WTERMSIG(status)) ?
+                 sigabbrev_np(WTERMSIG(status)) : "?");
+    else
+        snprintf(why, sizeof why, "exitcode %d", WEXITSTATUS(status));
+    /* The first job was running when the child died; the ones behind it never started and go to another child. */
+    struct job *running = list_pop(&lost);
+    if (running) {
+        char label[256], message[160];
+        job_label(running, label, sizeof label);
+        snprintf(message, sizeof message, "Worker exited prematurely: %s", why);
+        /* Celery's wording: SIGSEGV rather than SEGV */
+        if (WIFSIGNALED(status))
+            snprintf(message, sizeof message, "Worker exited prematurely: signal %d (SIG%s)", WTERMSIG(status),
+                     sigabbrev_np(WTERMSIG(status)) ? sigabbrev_np(WTERMSIG(status)) : "?");
+        log_error("Task handler raised error: WorkerLostError('%s') [%s]", message, label);
+        c->processed++;
+        fail_job(c, running, "WorkerLostError", message);
+    }
+    struct job *j;
+    struct job_list back = {0};
+    while ((j = list_pop(&lost)))
+        list_push(&back, j);
+    while ((j = list_pop(&c->ready)))
+        list_push(&back, j);
+    c->ready = back;
+    if (!c->stopping || c->ready.len) {
+        log_error("Process %s exited (%s); starting a new one", "pool child", why);
+        if (pool_respawn(c->pool, child) < 0)
+            log_critical("cannot restart pool process: %s", strerror(errno));
+    }
+}
+
+/* ------------------------------------------------------------------ dispatch */
+
+static void dispatch(struct consumer *c)
+{
+    int n = pool_size(c->pool);
+    int idle = 0;
+    for (int i = 0; i < n; i++)
+        idle += c->children[i].jobs.len == 0;
+    for (int i = 0; i < n && c->ready.len && idle; i++) {
+        struct child_state *cs = &c->children[i];
+        if (cs->jobs.len)
+            continue;
+        /* Share what is ready among the idle children; a child runs its batch one task after another. */
+        int batch = (c->ready.len + idle - 1) / idle;
+        if (batch > 64)
+            batch = 64;
+        idle--;
+        for (int k = 0; k < batch; k++) {
+            struct job *j = list_pop(&c->ready);
+            pool_submit(c->pool, i, j->seq, j->delivery->raw, j->delivery->len);
+            list_push(&cs->jobs, j);
+            if (!c->cfg->acks_late)
+                job_ack(c, j); /* early ack: the pool has accepted it */
+            if (c->cfg->track_started && c->backend && j->req.id.s && !j->req.ignore_result) {
+                struct buf doc = {0};
+                struct result_meta meta = {j->req.id.s, j->req.group.s, j->req.parent_id.s};
+                result_doc_started(&doc, &meta, (int)pool_child_pid(c->pool, i), c->cfg->node_name);
+                store_doc(c, NULL, j->req.id.s, doc.data, doc.len);
+                buf_free(&doc);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ set-up */
+
+static int endpoint_from_url(const char *url, struct redis_url *u, struct broker_endpoint *ep, char **display,
+                             char *err, size_t errlen)
+{
+    if (redis_url_parse(url, u, err, errlen) < 0)
+        return -1;
+    *display = redis_url_redact(url);
+    *ep = (struct broker_endpoint){u->host, u->port, u->socket, u->username, u->password, u->db, *display};
+    return 0;
+}
+
+static void install_signals(void)
+{
+    if (pipe2(signal_pipe, O_NONBLOCK | O_CLOEXEC) < 0)
+        abort();
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGQUIT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+static void begin_warm_shutdown(struct consumer *c)
+{
+    c->stopping = true;
+    log_warning("worker: Warm shutdown (MainProcess)");
+    /* Back in reverse order, each to the consuming end, so the queue hands them out in the original order. */
+    int n = c->ready.len, i = 0;
+    struct job **all = calloc((size_t)n + 1, sizeof *all);
+    struct job *j;
+    while ((j = list_pop(&c->ready)))
+        all[i++] = j;
+    for (i = n - 1; i >= 0; i--) {
+        broker_requeue(c->broker, all[i]->delivery);
+        c->held--;
+        job_free(all[i]);
+    }
+    free(all);
+    if (n)
+        log_info("Restored %d prefetched message(s) to their queues", n);
+}
+
+static bool busy(const struct consumer *c)
+{
+    for (int i = 0; i < pool_size(c->pool); i++)
+        if (c->children[i].jobs.len)
+            return true;
+    return c->stores_in_flight > 0 || broker_fetch_in_flight(c->broker) > 0 || c->ready.len > 0;
+}
+
+int consumer_run(const struct config *cfg)
+{
+    struct consumer cons = {0}, *c = &cons;
+    char err[512];
+    int exit_code = 1;
+    c->cfg = cfg;
+    c->prefetch = cfg->concurrency * cfg->prefetch_multiplier;
+    if (c->prefetch <= 0)
+        c->prefetch = 1 << 30; /* Celery: a multiplier of 0 means no limit */
+
+    if (endpoint_from_url(cfg->broker_url, &c->broker_url, &c->broker_ep, &c->broker_display, err, sizeof err) < 0)
+        goto fail_config;
+    if (cfg->result_backend &&
+        endpoint_from_url(cfg->result_backend, &c->backend_url, &c->backend_ep, &c->backend_display, err,
+                          sizeof err) < 0)
+        goto fail_config;
+
+    install_signals();
+    /* Fork the pool first: no connection may cross a fork. */
+    c->children = calloc((size_t)cfg->concurrency, sizeof *c->children);
+    struct pool_options popt = {cfg->concurrency, cfg->node_name, &c->broker_ep};
+    struct pool_handlers ph = {on_result, on_child_exit};
+    c->pool = pool_start(&popt, &ph, c, err, sizeof err);
+    if (!c->pool) {
+        log_critical("%s", err);
+        goto out;
+    }
+
+    struct broker_options bopt = {(const char *const *)cfg->queues, cfg->nqueues, cfg->visibility_timeout};
+    struct broker_handlers bh = {on_deliver};
+    c->broker = broker_open(&c->broker_ep, &bopt, &bh, c, err, sizeof err);
+    if (!c->broker) {
+        log_critical("Cannot connect to %s: %s", c->broker_display, err);
+        goto out;
+    }
+    if (cfg->result_backend) {
+        c->backend = backend_open(&c->backend_ep, cfg->result_expires, err, sizeof err);
+        if (!c->backend) {
+            log_critical("Cannot connect to result backend %s: %s", c->backend_display, err);
+            goto out;
+        }
+    } else {
+        log_warning("No result backend is configured (--result-backend / CELERY_RESULT_BACKEND): results are "
+                    "not stored");
+    }
+
+    log_info("Connected to %s", c->broker_display);
+    struct buf qs = {0};
+    for (size_t i = 0; i < cfg->nqueues; i++)
+        buf_printf(&qs, "%s%s", i ? "," : "", cfg->queues[i]);
+    log_info("celeriac %s: concurrency %d (prefork), prefetch %d, queues %s, %s ack", CELERIAC_VERSION,
+             cfg->concurrency, c->prefetch, qs.data, cfg->acks_late ? "late" : "early");
+    buf_free(&qs);
+    log_info("%s ready.", cfg->node_name);
+    log_flush();
+
+    for (;;) {
+        if (got_quit || got_term > 1) {
+            c->cold = true;
+            break;
+        }
+        if (got_term && !c->stopping)
+            begin_warm_shutdown(c);
+        if (c->stopping && !busy(c))
+            break;
+
+        dispatch(c);
+        int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
+        if (!c->stopping && budget > 0 && broker_should_fetch(c->broker))
+            broker_fetch(c->broker, budget);
+        pool_flush(c->pool);
+        if (broker_flush(c->broker) < 0) {
+            log_critical("Lost the broker connection: %s", broker_errstr(c->broker));
+            goto out;
+        }
+        if (c->backend && backend_flush(c->backend) < 0) {
+            log_critical("Lost the result backend connection: %s", backend_errstr(c->backend));
+            goto out;
+        }
+        log_flush();
+
+        struct pollfd fds[8 + 256];
+        int nfds = 0;
+        fds[nfds++] = (struct pollfd){signal_pipe[0], POLLIN, 0};
+        int bfirst = nfds;
+        nfds += broker_pollfds(c->broker, fds + nfds, 4);
+        int bcount = nfds - bfirst;
+        int befirst = nfds;
+        if (c->backend)
+            nfds += backend_pollfds(c->backend, fds + nfds, 2);
+        int becount = nfds - befirst;
+        int pfirst = nfds;
+        nfds += pool_pollfds(c->pool, fds + nfds, 256);
+        int pcount = nfds - pfirst;
+
+        double now = epoch_now();
+        int timeout = broker_next_tick_ms(c->broker, now);
+        int n = poll(fds, (nfds_t)nfds, timeout);
+        if (n < 0 && errno != EINTR) {
+            log_critical("poll: %s", strerror(errno));
+            goto out;
+        }
+        if (fds[0].revents) {
+            char drain[64];
+            while (read(signal_pipe[0], drain, sizeof drain) > 0)
+                ;
+        }
+        if (n > 0) {
+            pool_process(c->pool, fds + pfirst, pcount);
+            if (broker_process(c->broker, fds + bfirst, bcount) < 0) {
+                log_critical("Lost the broker connection: %s", broker_errstr(c->broker));
+                goto out;
+            }
+            if (c->backend && backend_process(c->backend, fds + befirst, becount) < 0) {
+                log_critical("Lost the result backend connection: %s", backend_errstr(c->backend));
+                goto out;
+            }
+        }
+        broker_tick(c->broker, epoch_now());
+    }
+
+    if (c->cold) {
+        log_warning("worker: Cold shutdown (MainProcess)");
+        pool_kill(c->pool);
+        exit_code = 1;
+    } else {
+        broker_flush(c->broker);
+        pool_stop(c->pool);
+        exit_code = 0;
+    }
+    goto out;
+
+fail_config:
+    log_critical("%s", err);
+    exit_code = 2;
+out:
+    log_flush();
+    if (c->pool && exit_code != 0 && !c->cold)
+        pool_kill(c->pool);
+    pool_free(c->pool);
+    for (int i = 0; c->children && i < cfg->concurrency; i++) {
+        struct job *j;
+        while ((j = list_pop(&c->children[i].jobs)))
+            job_free(j);
+    }
+    struct job *j;
+    while ((j = list_pop(&c->ready)))
+        job_free(j);
+    backend_close(c->backend);
+    broker_close(c->broker);
+    free(c->children);
+    redis_url_clear(&c->broker_url);
+    redis_url_clear(&c->backend_url);
+    free(c->broker_display);
+    free(c->backend_display);
+    return exit_code;
+}

@@ -1,0 +1,28 @@
+/* executor: runs one task message inside a pool child: message bytes -> result document.
+ * Child-process side only; owns the child's lazily opened Redis connection for tasks that need one. */
+#ifndef CELERIAC_EXECUTOR_H
+#define CELERIAC_EXECUTOR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "broker.h"
+#include "buf.h"
+
+struct executor;
+
+/* hostname and redis borrowed; they must outlive the executor. Free with executor_free. */
+struct executor *executor_new(const char *hostname, const struct broker_endpoint *redis);
+void executor_free(struct executor *ex);
+
+/* Decodes and runs raw[0..len). Appends to doc the result document to store (nothing when the request has
+ * ignore_result) and to summary a repr for the log line; sets *runtime (seconds). Returns true when the task
+ * failed. Never fails itself: a bad message becomes a FAILURE document when its id is known. */
+bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc, struct buf *summary,
+                  double *runtime);
+
+/* The exception type a client sees for a message that msg_decode refused with msg_status:
+ * ContentDisallowed, DecodeError or InvalidTaskError. */
+const char *executor_decode_exc_type(int msg_status);
+
+#endif

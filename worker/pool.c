@@ -1,0 +1,380 @@
+/* The prefork pool: see DESIGN in pool.h. pool_* functions run in the main process; child_loop runs in
+ * each child, from fork to exit. */
+#include "pool.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "buf.h"
+#include "executor.h"
+#include "log.h"
+
+enum { FRAME_TASK = 1, FRAME_RESULT = 2 };
+/* Frame: u32 length of what follows | u8 type | payload.
+ * TASK payload:   u64 seq | raw message
+ * RESULT payload: u64 seq | u8 failed | f64 runtime | u32 doc length | doc | summary (rest) */
+#define FRAME_HEADER 5
+#define LONG_TASK_S 0.0005 /* a child sends results at once after a task this long */
+
+struct child {
+    pid_t pid;
+    int fd;           /* main's end of the socketpair; -1 when dead */
+    struct buf out;   /* frames waiting to be written */
+    struct buf in;    /* bytes read, not yet parsed */
+    char name[32];    /* "ForkPoolWorker-N", N counting every child ever started, as Celery does */
+};
+
+struct pool {
+    struct pool_options opt;
+    struct pool_handlers h;
+    void *arg;
+    struct child *children;
+    int started; /* children ever started, for names */
+};
+
+static void put_u32(struct buf *b, uint32_t v)
+{
+    buf_append(b, &v, sizeof v);
+}
+
+static void put_u64(struct buf *b, uint64_t v)
+{
+    buf_append(b, &v, sizeof v);
+}
+
+static uint32_t get_u32(const char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static uint64_t get_u64(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+
+static int write_all(int fd, const char *p, size_t len)
+{
+    while (len) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ child side */
+
+static void child_loop(int fd, const struct pool_options *opt)
+{
+    struct executor *ex = executor_new(opt->hostname, opt->redis);
+    struct buf in = {0}, out = {0}, doc = {0}, summary = {0};
+    for (;;) {
+        buf_reserve(&in, 1 << 16);
+        ssize_t n = read(fd, in.data + in.len, in.cap - in.len - 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; /* the main process closed our socket: time to go */
+        in.len += (size_t)n;
+        size_t off = 0;
+        while (in.len - off >= FRAME_HEADER) {
+            uint32_t flen = get_u32(in.data + off);
+            if (in.len - off < 4 + (size_t)flen)
+                break;
+            const char *frame = in.data + off + 4;
+            off += 4 + flen;
+            if (frame[0] != FRAME_TASK || flen < 9)
+                continue;
+            uint64_t seq = get_u64(frame + 1);
+            buf_reset(&doc);
+            buf_reset(&summary);
+            double runtime = 0;
+            bool failed = executor_run(ex, frame + 9, flen - 9, &doc, &summary, &runtime);
+            put_u32(&out, (uint32_t)(1 + 8 + 1 + 8 + 4 + doc.len + summary.len));
+            buf_append_char(&out, FRAME_RESULT);
+            put_u64(&out, seq);
+            buf_append_char(&out, failed ? 1 : 0);
+            buf_append(&out, &runtime, sizeof runtime);
+            put_u32(&out, (uint32_t)doc.len);
+            buf_append(&out, doc.data ? doc.data : "", doc.len);
+            buf_append(&out, summary.data ? summary.data : "", summary.len);
+            if (runtime > LONG_TASK_S || out.len > (1 << 20)) {
+                if (write_all(fd, out.data, out.len) < 0)
+                    goto done;
+                buf_reset(&out);
+            }
+        }
+        buf_consume(&in, off);
+        if (out.len) {
+            if (write_all(fd, out.data, out.len) < 0)
+                goto done;
+            buf_reset(&out);
+        }
+        log_flush();
+    }
+done:
+    log_flush();
+    buf_free(&in);
+    buf_free(&out);
+    buf_free(&doc);
+    buf_free(&summary);
+    executor_free(ex);
+}
+
+/* ------------------------------------------------------------------ main side */
+
+static int spawn(struct pool *p, int i)
+{
+    struct child *c = &p->children[i];
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return -1;
+    int index = ++p->started;
+    log_flush(); /* or the child would flush the parent's buffered lines a second time */
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(sv[0]);
+        close(sv[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        /* Die with the main process rather than linger as an orphan holding nothing useful. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() == 1)
+            _exit(1);
+        /* Ctrl-C reaches the whole process group; the main process decides how children stop. */
+        signal(SIGINT, SIG_IGN);
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGQUIT, SIG_DFL);
+        signal(SIGCHLD, SIG_DFL);
+        signal(SIGPIPE, SIG_IGN);
+        for (int j = 0; j < p->opt.concurrency; j++)
+            if (p->children[j].fd >= 0)
+                close(p->children[j].fd);
+        close(sv[0]);
+        static char name[32]; /* the log module keeps a pointer to it for the life of the process */
+        snprintf(name, sizeof name, "ForkPoolWorker-%d", index);
+        log_set_process(name);
+        child_loop(sv[1], &p->opt);
+        _exit(0);
+    }
+    close(sv[1]);
+    c->pid = pid;
+    c->fd = sv[0];
+    snprintf(c->name, sizeof c->name, "ForkPoolWorker-%d", index);
+    buf_reset(&c->out);
+    buf_reset(&c->in);
+    return 0;
+}
+
+struct pool *pool_start(const struct pool_options *opt, const struct pool_handlers *h, void *arg, char *err,
+                        size_t errlen)
+{
+    struct pool *p = calloc(1, sizeof *p);
+    if (!p)
+        abort();
+    p->opt = *opt;
+    p->h = *h;
+    p->arg = arg;
+    p->children = calloc((size_t)opt->concurrency, sizeof *p->children);
+    if (!p->children)
+        abort();
+    for (int i = 0; i < opt->concurrency; i++)
+        p->children[i].fd = -1;
+    for (int i = 0; i < opt->concurrency; i++) {
+        if (spawn(p, i) < 0) {
+            snprintf(err, errlen, "cannot start pool process: %s", strerror(errno));
+            pool_kill(p);
+            pool_free(p);
+            return NULL;
+        }
+    }
+    return p;
+}
+
+int pool_size(const struct pool *p)
+{
+    return p->opt.concurrency;
+}
+
+pid_t pool_child_pid(const struct pool *p, int child)
+{
+    return p->children[child].pid;
+}
+
+void pool_submit(struct pool *p, int child, uint64_t seq, const char *raw, size_t len)
+{
+    struct child *c = &p->children[child];
+    put_u32(&c->out, (uint32_t)(1 + 8 + len));
+    buf_append_char(&c->out, FRAME_TASK);
+    put_u64(&c->out, seq);
+    buf_append(&c->out, raw, len);
+}
+
+int pool_pollfds(struct pool *p, struct pollfd *fds, int max)
+{
+    int n = 0;
+    for (int i = 0; i < p->opt.concurrency && n < max; i++) {
+        struct child *c = &p->children[i];
+        if (c->fd >= 0)
+            fds[n++] = (struct pollfd){c->fd, POLLIN | (c->out.len ? POLLOUT : 0), 0};
+    }
+    return n;
+}
+
+static void child_gone(struct pool *p, int i)
+{
+    struct child *c = &p->children[i];
+    close(c->fd);
+    c->fd = -1;
+    int status = 0;
+    while (waitpid(c->pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    buf_reset(&c->out);
+    buf_reset(&c->in);
+    p->h.on_child_exit(p->arg, i, status);
+}
+
+static void parse_results(struct pool *p, int i)
+{
+    struct child *c = &p->children[i];
+    size_t off = 0;
+    while (c->in.len - off >= 4) {
+        uint32_t flen = get_u32(c->in.data + off);
+        if (c->in.len - off < 4 + (size_t)flen)
+            break;
+        const char *f = c->in.data + off + 4;
+        off += 4 + flen;
+        if (flen < 1 + 8 + 1 + 8 + 4 || f[0] != FRAME_RESULT)
+            continue;
+        struct pool_result r;
+        r.seq = get_u64(f + 1);
+        r.failed = f[9] != 0;
+        memcpy(&r.runtime, f + 10, sizeof r.runtime);
+        uint32_t dlen = get_u32(f + 18);
+        if ((size_t)22 + dlen > flen)
+            continue;
+        r.doc = f + 22;
+        r.doc_len = dlen;
+        /* The summary runs to the end of the frame; copy it to get a terminated string. */
+        size_t slen = flen - 22 - dlen;
+        char *summary = malloc(slen + 1);
+        if (!summary)
+            abort();
+        memcpy(summary, f + 22 + dlen, slen);
+        summary[slen] = '\0';
+        r.summary = summary;
+        p->h.on_result(p->arg, i, &r);
+        free(summary);
+    }
+    buf_consume(&c->in, off);
+}
+
+void pool_process(struct pool *p, const struct pollfd *fds, int n)
+{
+    for (int k = 0; k < n; k++) {
+        if (!fds[k].revents)
+            continue;
+        for (int i = 0; i < p->opt.concurrency; i++) {
+            struct child *c = &p->children[i];
+            if (c->fd != fds[k].fd)
+                continue;
+            if (fds[k].revents & POLLOUT) {
+                ssize_t w = send(c->fd, c->out.data, c->out.len, MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (w > 0)
+                    buf_consume(&c->out, (size_t)w);
+            }
+            if (fds[k].revents & (POLLIN | POLLHUP | POLLERR)) {
+                buf_reserve(&c->in, 1 << 16);
+                ssize_t r = recv(c->fd, c->in.data + c->in.len, c->in.cap - c->in.len - 1, MSG_DONTWAIT);
+                if (r > 0) {
+                    c->in.len += (size_t)r;
+                    parse_results(p, i);
+                } else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {
+                    child_gone(p, i);
+                }
+            }
+            break;
+        }
+    }
+}
+
+void pool_flush(struct pool *p)
+{
+    for (int i = 0; i < p->opt.concurrency; i++) {
+        struct child *c = &p->children[i];
+        if (c->fd < 0 || !c->out.len)
+            continue;
+        ssize_t w = send(c->fd, c->out.data, c->out.len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (w > 0)
+            buf_consume(&c->out, (size_t)w);
+    }
+}
+
+int pool_respawn(struct pool *p, int child)
+{
+    return spawn(p, child);
+}
+
+void pool_stop(struct pool *p)
+{
+    for (int i = 0; i < p->opt.concurrency; i++) {
+        struct child *c = &p->children[i];
+        if (c->fd < 0)
+            continue;
+        shutdown(c->fd, SHUT_WR); /* the child sees EOF once it has read everything queued */
+    }
+    for (int i = 0; i < p->opt.concurrency; i++) {
+        struct child *c = &p->children[i];
+        if (c->fd < 0)
+            continue;
+        int status;
+        while (waitpid(c->pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        close(c->fd);
+        c->fd = -1;
+    }
+}
+
+void pool_kill(struct pool *p)
+{
+    for (int i = 0; i < p->opt.concurrency; i++) {
+        struct child *c = &p->children[i];
+        if (c->fd < 0)
+            continue;
+        kill(c->pid, SIGKILL);
+        int status;
+        while (waitpid(c->pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        close(c->fd);
+        c->fd = -1;
+    }
+}
+
+void pool_free(struct pool *p)
+{
+    if (!p)
+        return;
+    for (int i = 0; i < p->opt.concurrency; i++) {
+        buf_free(&p->children[i].out);
+        buf_free(&p->children[i].in);
+    }
+    free(p->children);
+    free(p);
+}

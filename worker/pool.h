@@ -1,0 +1,63 @@
+/* pool: the prefork pool. N child processes, each running tasks one after another; the main process hands
+ * them batches of raw messages over a socketpair and reads back one result frame per task.
+ *
+ * DESIGN. Processes, not threads: a task that crashes, aborts or has to be killed for a time limit costs its
+ * child, never the worker. Frames are length-prefixed on a stream socket; the main side never blocks (it
+ * buffers and writes when poll says so), a child blocks freely. A child writes its results back as soon as
+ * its input runs dry or a task took long, so short tasks are batched and long ones are not delayed.
+ * Children are forked before any connection is opened by the main process and open their own (Redis for
+ * native.incr) lazily, so no connection ever crosses a fork. */
+#ifndef CELERIAC_POOL_H
+#define CELERIAC_POOL_H
+
+#include <poll.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "broker.h"
+
+struct pool;
+
+struct pool_result {
+    uint64_t seq;
+    bool failed;         /* the task raised (FAILURE); false for SUCCESS */
+    double runtime;      /* seconds, measured in the child */
+    const char *doc;     /* the result document to store; empty when ignore_result */
+    size_t doc_len;
+    const char *summary; /* repr of the return value, or "ExcType('message')" */
+};
+
+struct pool_handlers {
+    /* r and its strings are borrowed for the duration of the call. */
+    void (*on_result)(void *arg, int child, const struct pool_result *r);
+    /* A child died; every task still queued to it is the caller's to settle. status as from waitpid. */
+    void (*on_child_exit)(void *arg, int child, int status);
+};
+
+struct pool_options {
+    int concurrency;
+    const char *hostname;                /* borrowed: the node name tasks see */
+    const struct broker_endpoint *redis; /* borrowed: what native.incr talks to; NULL: no Redis for tasks */
+};
+
+/* Forks the children. Returns NULL with err filled on failure. */
+struct pool *pool_start(const struct pool_options *opt, const struct pool_handlers *h, void *arg, char *err,
+                        size_t errlen);
+int pool_size(const struct pool *p);
+pid_t pool_child_pid(const struct pool *p, int child);
+/* Queues one raw message (copied) for a child; sent at the next pool_flush. */
+void pool_submit(struct pool *p, int child, uint64_t seq, const char *raw, size_t len);
+int pool_pollfds(struct pool *p, struct pollfd *fds, int max);
+void pool_process(struct pool *p, const struct pollfd *fds, int n);
+void pool_flush(struct pool *p);
+/* Replaces a child that exited (after on_child_exit). */
+int pool_respawn(struct pool *p, int child);
+/* Asks every child to finish and exit, waits for them. */
+void pool_stop(struct pool *p);
+/* Kills every child at once (cold shutdown). */
+void pool_kill(struct pool *p);
+void pool_free(struct pool *p);
+
+#endif
