@@ -19,12 +19,14 @@ struct store_op {
     bool ok; /* the SETEX succeeded */
 };
 
-struct backend *backend_open(const struct broker_endpoint *ep, long expires, char *err, size_t errlen)
+struct backend *backend_open(const struct broker_endpoint *ep, long expires, broker_log_fn log, char *err,
+                             size_t errlen)
 {
     struct backend *be = calloc(1, sizeof *be);
     if (!be)
         abort();
     be->expires = expires;
+    be->conn.log = log;
     if (rconn_open(&be->conn, "backend", ep, 5000) < 0) {
         snprintf(err, errlen, "%s", be->conn.errstr);
         backend_close(be);
@@ -86,12 +88,11 @@ int backend_flush(struct backend *be)
 
 static void on_set_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)
 {
-    (void)c;
     (void)steal;
     struct store_op *op = arg;
     op->ok = r && r->type != REDIS_REPLY_ERROR;
     if (r && r->type == REDIS_REPLY_ERROR)
-        fprintf(stderr, "celeriac: storing a result failed: %s\n", r->str);
+        rconn_log(c, BROKER_LOG_ERROR, "storing a result failed: %s", r->str);
 }
 
 static void on_publish_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)

@@ -33,6 +33,10 @@ struct broker_endpoint {
     const char *display;  /* the URL with the password redacted, for log lines */
 };
 
+/* Where the broker's log lines go: level as in worker/config.h (10 debug .. 50 critical); line borrowed. */
+typedef void (*broker_log_fn)(int level, const char *line);
+enum { BROKER_LOG_INFO = 20, BROKER_LOG_WARNING = 30, BROKER_LOG_ERROR = 40 };
+
 /* ---------------------------------------------------------------- transport */
 
 struct broker;
@@ -55,6 +59,7 @@ struct broker_options {
     const char *const *queues; /* borrowed, nqueues names */
     size_t nqueues;
     double visibility_timeout; /* seconds: records older than this are restored by anyone (kombu's rule) */
+    broker_log_fn log;
 };
 
 /* Connects (blocking, with a timeout), loads the scripts, sets up the wake-up channel and runs one
@@ -98,7 +103,8 @@ const char *broker_errstr(const struct broker *b);
 struct backend;
 
 /* expires: seconds for SETEX; 0 stores with SET (no expiry). Returns NULL with err filled on failure. */
-struct backend *backend_open(const struct broker_endpoint *ep, long expires, char *err, size_t errlen);
+struct backend *backend_open(const struct broker_endpoint *ep, long expires, broker_log_fn log, char *err,
+                             size_t errlen);
 void backend_close(struct backend *be);
 int backend_pollfds(struct backend *be, struct pollfd *fds, int max);
 int backend_process(struct backend *be, const struct pollfd *fds, int n);

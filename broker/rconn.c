@@ -8,6 +8,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+void rconn_log(const struct rconn *c, int level, const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (c->log)
+        c->log(level, line);
+    else
+        fprintf(stderr, "celeriac: %s\n", line);
+}
+
 static void queue_push(struct rconn *c, rconn_cb cb, void *arg)
 {
     if (c->q_len == c->q_cap) {
@@ -200,7 +213,7 @@ static int dispatch_replies(struct rconn *c)
         }
         if (!c->q_len) {
             /* A reply nobody asked for: a bug, not something to guess about. Drop it loudly. */
-            fprintf(stderr, "celeriac: unexpected reply on %s connection (type %d)\n", c->name, r->type);
+            rconn_log(c, BROKER_LOG_ERROR, "unexpected reply on the %s connection (type %d)", c->name, r->type);
             freeReplyObject(r);
             continue;
         }
@@ -209,7 +222,7 @@ static int dispatch_replies(struct rconn *c)
         if (p.cb)
             p.cb(c, r, p.arg, &steal);
         else if (r->type == REDIS_REPLY_ERROR)
-            fprintf(stderr, "celeriac: %s command failed: %s\n", c->name, r->str);
+            rconn_log(c, BROKER_LOG_ERROR, "%s command failed: %s", c->name, r->str);
         if (!steal)
             freeReplyObject(r);
         if (!c->ctx)

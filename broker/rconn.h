@@ -12,6 +12,10 @@
 #include "broker.h"
 
 struct rconn;
+/* printf-style line to c->log (or stderr when unset). */
+void rconn_log(const struct rconn *c, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+struct rconn;
 /* reply is borrowed (freed after the callback returns) unless the callback sets *steal to true, in which case
  * it takes ownership (free with freeReplyObject). reply is NULL when the connection was lost before the
  * reply came. */
@@ -29,6 +33,7 @@ struct rconn {
     rconn_cb push_cb;        /* pub/sub: receives every reply that no command waits for (messages) */
     void *push_arg;
     size_t q_head, q_len, q_cap;
+    broker_log_fn log;       /* where unexpected replies are reported */
     char errstr[256];
 };
 

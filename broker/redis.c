@@ -305,7 +305,7 @@ static void setup_tracking(struct broker *b, const struct broker_endpoint *ep)
     return;
 fallback:
     /* Still correct, only slower to notice new messages when idle. */
-    fprintf(stderr, "celeriac: CLIENT TRACKING unavailable (%s); polling the queues every %.0f ms\n",
+    rconn_log(&b->main, BROKER_LOG_WARNING, "CLIENT TRACKING unavailable (%s); polling the queues every %.0f ms",
             b->errstr[0] ? b->errstr : b->wake.errstr, POLL_FALLBACK_S * 1000);
     b->errstr[0] = '\0';
     rconn_close(&b->wake);
@@ -332,6 +332,7 @@ struct broker *broker_open(const struct broker_endpoint *ep, const struct broker
     b->h = *h;
     b->arg = arg;
     b->visibility_timeout = opt->visibility_timeout;
+    b->main.log = b->wake.log = opt->log;
     b->nqueues = opt->nqueues;
     b->queues = calloc(opt->nqueues, sizeof *b->queues);
     b->queues_json = calloc(opt->nqueues, sizeof *b->queues_json);
@@ -444,7 +445,7 @@ int broker_process(struct broker *b, const struct pollfd *fds, int n)
         return -1;
     if (rconn_connected(&b->wake) && process_conn(b, &b->wake, fds, n) < 0) {
         /* Losing the wake-up channel only costs latency: fall back to polling. */
-        fprintf(stderr, "celeriac: %s; polling the queues instead\n", b->errstr);
+        rconn_log(&b->main, BROKER_LOG_WARNING, "%s; polling the queues instead", b->errstr);
         b->errstr[0] = '\0';
         b->tracking = false;
     }
@@ -524,7 +525,7 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
     if (!r)
         return;
     if (r->type == REDIS_REPLY_ERROR) {
-        fprintf(stderr, "celeriac: fetch script failed: %s\n", r->str);
+        rconn_log(&b->main, BROKER_LOG_WARNING, "fetch script failed: %s", r->str);
         b->maybe_ready = false; /* retried by the next poll tick instead of spinning */
         return;
     }
@@ -733,7 +734,7 @@ static int restore_one(struct broker *b, const char *tag)
     const char *rk = json_string_value(json_array_get(rec, 2));
     if (!m || !ex || !rk) {
         if (r->type == REDIS_REPLY_STRING)
-            fprintf(stderr, "celeriac: unacked record %s is not [message, exchange, routing_key]; left as is\n", tag);
+            rconn_log(&b->main, BROKER_LOG_WARNING, "unacked record %s is not [message, exchange, routing_key]; left as is", tag);
         else /* gone: someone else restored or acked it meanwhile; drop its index entry if left */
             rconn_command(&b->main, NULL, NULL, "ZREM unacked_index %s", tag);
         goto out;
@@ -752,7 +753,7 @@ static int restore_one(struct broker *b, const char *tag)
         restore_to(b, tag, payload, (const char *const *)queues, nq, "R", true);
         restored = 1;
     } else {
-        fprintf(stderr, "celeriac: no queue bound for unacked record %s (exchange '%s', key '%s'); left as is\n",
+        rconn_log(&b->main, BROKER_LOG_WARNING, "no queue bound for unacked record %s (exchange '%s', key '%s'); left as is",
                 tag, ex, rk);
     }
     for (size_t i = 0; i < nq; i++)
@@ -799,6 +800,6 @@ int broker_restore_visible(struct broker *b, double now)
     if (u)
         freeReplyObject(u);
     if (restored)
-        fprintf(stderr, "celeriac: restored %d unacked message(s) older than the visibility timeout\n", restored);
+        rconn_log(&b->main, BROKER_LOG_WARNING, "restored %d unacked message(s) older than the visibility timeout", restored);
     return restored;
 }

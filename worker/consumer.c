@@ -27,6 +27,7 @@ struct job {
     struct broker_delivery *delivery; /* owned */
     struct msg_request req;           /* decoded in the main process; owned */
     uint64_t seq;
+    double cost;                      /* expected runtime when dispatched (seconds) */
     bool acked;
     bool requeued;
     struct job *next;                 /* in the ready list or in its child's list */
@@ -39,6 +40,19 @@ struct job_list {
 
 struct child_state {
     struct job_list jobs; /* sent to the child, in the order it runs them */
+    double backlog;       /* sum of the expected runtimes of those jobs */
+};
+
+/* Expected runtime per task name (an moving average), so that short tasks are queued to children ahead of
+ * time (keeping the pool busy while the main loop talks to Redis) while long ones are handed out one at a
+ * time to whichever child is free, as Celery's fair scheduling does. */
+#define COST_SLOTS 256
+#define COST_UNKNOWN 0.001 /* a task never seen is assumed to take this long */
+#define DISPATCH_HORIZON 0.002 /* queue to a busy child only while its backlog is shorter than this */
+#define CHILD_QUEUE_MAX 256
+struct cost_slot {
+    char *name; /* owned */
+    double avg;
 };
 
 struct consumer {
@@ -52,6 +66,7 @@ struct consumer {
     struct child_state *children;
 
     struct job_list ready; /* decoded, waiting for a child */
+    struct cost_slot costs[COST_SLOTS];
     int held;              /* fetched and not yet acked or requeued: what prefetch bounds */
     int prefetch;
     int stores_in_flight;
@@ -131,6 +146,39 @@ static void job_label(const struct job *j, char *dst, size_t len)
     snprintf(dst, len, "%s[%s]", j->req.task.s ? j->req.task.s : "<unknown>", j->req.id.s ? j->req.id.s : "?");
 }
 
+static struct cost_slot *cost_slot(struct consumer *c, const char *name, bool create)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (const char *p = name; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    for (size_t i = 0; i < COST_SLOTS; i++) {
+        struct cost_slot *s = &c->costs[(h + i) % COST_SLOTS];
+        if (s->name && strcmp(s->name, name) == 0)
+            return s;
+        if (!s->name) {
+            if (!create)
+                return NULL;
+            s->name = strdup(name);
+            s->avg = -1;
+            return s;
+        }
+    }
+    return NULL; /* table full: every further name counts as unknown */
+}
+
+static double expected_cost(struct consumer *c, const char *name)
+{
+    struct cost_slot *s = cost_slot(c, name, false);
+    return s && s->avg >= 0 ? s->avg : COST_UNKNOWN;
+}
+
+static void learn_cost(struct consumer *c, const char *name, double runtime)
+{
+    struct cost_slot *s = cost_slot(c, name, true);
+    if (s)
+        s->avg = s->avg < 0 ? runtime : 0.8 * s->avg + 0.2 * runtime;
+}
+
 /* ------------------------------------------------------------------ results */
 
 static void on_stored(void *arg, bool ok);
@@ -164,15 +212,19 @@ static void on_stored(void *arg, bool ok)
     struct consumer *c = sc->c;
     c->stores_in_flight--;
     if (sc->job) {
-        if (!ok) {
+        if (ok) {
+            job_ack(c, sc->job);
+        } else {
             char label[256];
             job_label(sc->job, label, sizeof label);
             log_error("Could not store the result of %s: %s", label, backend_errstr(c->backend));
-            /* With late ack the message stays unacked, so the visibility timeout brings it back. */
-            if (!sc->job->acked)
-                sc->job->acked = true, c->held--;
+            /* Not acked: with late ack the unacked record stays, so the visibility timeout brings the message
+             * back instead of losing it. It no longer counts against prefetch. */
+            if (!sc->job->acked) {
+                sc->job->acked = true;
+                c->held--;
+            }
         }
-        job_ack(c, sc->job);
         job_free(sc->job);
     }
     free(sc);
@@ -248,6 +300,10 @@ static void on_result(void *arg, int child, const struct pool_result *r)
         return;
     }
     c->processed++;
+    c->children[child].backlog -= j->cost;
+    if (c->children[child].backlog < 0 || !c->children[child].jobs.len)
+        c->children[child].backlog = 0;
+    learn_cost(c, j->req.task.s, r->runtime);
     if (log_enabled(LOG_INFO)) {
         char label[256];
         job_label(j, label, sizeof label);
@@ -264,6 +320,7 @@ static void on_child_exit(void *arg, int child, int status)
     struct consumer *c = arg;
     struct job_list lost = c->children[child].jobs;
     c->children[child].jobs = (struct job_list){0};
+    c->children[child].backlog = 0;
     char why[96];
     if (WIFSIGNALED(status))
         snprintf(why, sizeof why, "signal %d (%s)", WTERMSIG(status), sigabbrev_np(WTERMSIG(status)) ?
@@ -303,31 +360,32 @@ static void on_child_exit(void *arg, int child, int status)
 static void dispatch(struct consumer *c)
 {
     int n = pool_size(c->pool);
-    int idle = 0;
-    for (int i = 0; i < n; i++)
-        idle += c->children[i].jobs.len == 0;
-    for (int i = 0; i < n && c->ready.len && idle; i++) {
-        struct child_state *cs = &c->children[i];
-        if (cs->jobs.len)
-            continue;
-        /* Share what is ready among the idle children; a child runs its batch one task after another. */
-        int batch = (c->ready.len + idle - 1) / idle;
-        if (batch > 64)
-            batch = 64;
-        idle--;
-        for (int k = 0; k < batch; k++) {
-            struct job *j = list_pop(&c->ready);
-            pool_submit(c->pool, i, j->seq, j->delivery->raw, j->delivery->len);
-            list_push(&cs->jobs, j);
-            if (!c->cfg->acks_late)
-                job_ack(c, j); /* early ack: the pool has accepted it */
-            if (c->cfg->track_started && c->backend && j->req.id.s && !j->req.ignore_result) {
-                struct buf doc = {0};
-                struct result_meta meta = {j->req.id.s, j->req.group.s, j->req.parent_id.s};
-                result_doc_started(&doc, &meta, (int)pool_child_pid(c->pool, i), c->cfg->node_name);
-                store_doc(c, NULL, j->req.id.s, doc.data, doc.len);
-                buf_free(&doc);
-            }
+    while (c->ready.len) {
+        struct job *j = c->ready.head;
+        double cost = expected_cost(c, j->req.task.s);
+        int best = -1;
+        for (int i = 0; i < n; i++) {
+            struct child_state *cs = &c->children[i];
+            if (best < 0 || cs->backlog < c->children[best].backlog ||
+                (cs->backlog == c->children[best].backlog && cs->jobs.len < c->children[best].jobs.len))
+                best = i;
+        }
+        struct child_state *cs = &c->children[best];
+        if (cs->jobs.len && (cs->backlog + cost > DISPATCH_HORIZON || cs->jobs.len >= CHILD_QUEUE_MAX))
+            break; /* every child has enough to do; the rest waits here, where it can still be requeued */
+        list_pop(&c->ready);
+        j->cost = cost;
+        cs->backlog += cost;
+        pool_submit(c->pool, best, j->seq, j->delivery->raw, j->delivery->len);
+        list_push(&cs->jobs, j);
+        if (!c->cfg->acks_late)
+            job_ack(c, j); /* early ack: the pool has accepted it */
+        if (c->cfg->track_started && c->backend && j->req.id.s && !j->req.ignore_result) {
+            struct buf doc = {0};
+            struct result_meta meta = {j->req.id.s, j->req.group.s, j->req.parent_id.s};
+            result_doc_started(&doc, &meta, (int)pool_child_pid(c->pool, best), c->cfg->node_name);
+            store_doc(c, NULL, j->req.id.s, doc.data, doc.len);
+            buf_free(&doc);
         }
     }
 }
@@ -342,6 +400,11 @@ static int endpoint_from_url(const char *url, struct redis_url *u, struct broker
     *display = redis_url_redact(url);
     *ep = (struct broker_endpoint){u->host, u->port, u->socket, u->username, u->password, u->db, *display};
     return 0;
+}
+
+static void log_from_broker(int level, const char *line)
+{
+    log_msg((enum log_level)level, "%s", line);
 }
 
 static void install_signals(void)
@@ -414,7 +477,8 @@ int consumer_run(const struct config *cfg)
         goto out;
     }
 
-    struct broker_options bopt = {(const char *const *)cfg->queues, cfg->nqueues, cfg->visibility_timeout};
+    struct broker_options bopt = {(const char *const *)cfg->queues, cfg->nqueues, cfg->visibility_timeout,
+                                 log_from_broker};
     struct broker_handlers bh = {on_deliver};
     c->broker = broker_open(&c->broker_ep, &bopt, &bh, c, err, sizeof err);
     if (!c->broker) {
@@ -422,7 +486,7 @@ int consumer_run(const struct config *cfg)
         goto out;
     }
     if (cfg->result_backend) {
-        c->backend = backend_open(&c->backend_ep, cfg->result_expires, err, sizeof err);
+        c->backend = backend_open(&c->backend_ep, cfg->result_expires, log_from_broker, err, sizeof err);
         if (!c->backend) {
             log_critical("Cannot connect to result backend %s: %s", c->backend_display, err);
             goto out;
@@ -537,6 +601,8 @@ out:
     backend_close(c->backend);
     broker_close(c->broker);
     free(c->children);
+    for (size_t i = 0; i < COST_SLOTS; i++)
+        free(c->costs[i].name);
     redis_url_clear(&c->broker_url);
     redis_url_clear(&c->backend_url);
     free(c->broker_display);
