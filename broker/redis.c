@@ -180,7 +180,12 @@ struct broker {
     bool maybe_ready;        /* the queues may hold messages */
     unsigned long wake_seq;  /* invalidations seen */
     unsigned long fetch_wake_seq;
-    bool tracking;           /* invalidations are on; else poll every POLL_FALLBACK_S */
+    bool tracking;           /* the wake-up channel works; else poll every POLL_FALLBACK_S */
+    bool tracking_on;        /* invalidations are switched on right now (only while the queues look empty) */
+    const char **tracking_argv; /* the CLIENT TRACKING ON command, kept to switch it back on */
+    size_t *tracking_lens;
+    int tracking_argc;
+    char tracking_id[32];
     double next_poll, next_restore;
 
     int *fetch_list_queue;   /* for the fetch in flight: list number (0-based) -> queue index */
@@ -273,18 +278,21 @@ static void setup_tracking(struct broker *b, const struct broker_endpoint *ep)
     if (rconn_flush(&b->wake) < 0)
         goto fallback;
 
-    const char *argv[8 + 2 * 64];
-    size_t lens[8 + 2 * 64];
-    char idbuf[32];
-    int argc = 0;
-    snprintf(idbuf, sizeof idbuf, "%lld", id);
-    const char *head[] = {"CLIENT", "TRACKING", "ON", "REDIRECT", idbuf, "BCAST", "NOLOOP"};
-    for (size_t i = 0; i < 7; i++)
-        argv[argc++] = head[i];
     if (b->nqueues > 63) {
         snprintf(b->errstr, sizeof b->errstr, "more than 63 queues");
         goto fallback;
     }
+    const char **argv = calloc(8 + 2 * b->nqueues, sizeof *argv);
+    size_t *lens = calloc(8 + 2 * b->nqueues, sizeof *lens);
+    if (!argv || !lens)
+        abort();
+    b->tracking_argv = argv;
+    b->tracking_lens = lens;
+    int argc = 0;
+    snprintf(b->tracking_id, sizeof b->tracking_id, "%lld", id);
+    const char *head[] = {"CLIENT", "TRACKING", "ON", "REDIRECT", b->tracking_id, "BCAST", "NOLOOP"};
+    for (size_t i = 0; i < 7; i++)
+        argv[argc++] = head[i];
     for (size_t i = 0; i < b->nqueues; i++) {
         if (prefix_covered(b, i))
             continue;
@@ -293,6 +301,7 @@ static void setup_tracking(struct broker *b, const struct broker_endpoint *ep)
     }
     for (int i = 0; i < argc; i++)
         lens[i] = strlen(argv[i]);
+    b->tracking_argc = argc;
     redisReply *tr = rconn_call_argv(&b->main, argc, argv, lens);
     if (!tr || tr->type == REDIS_REPLY_ERROR) {
         snprintf(b->errstr, sizeof b->errstr, "%s", tr ? tr->str : b->main.errstr);
@@ -301,7 +310,7 @@ static void setup_tracking(struct broker *b, const struct broker_endpoint *ep)
         goto fallback;
     }
     freeReplyObject(tr);
-    b->tracking = true;
+    b->tracking = b->tracking_on = true;
     return;
 fallback:
     /* Still correct, only slower to notice new messages when idle. */
@@ -391,6 +400,8 @@ void broker_close(struct broker *b)
     free(b->queues_json);
     free(b->keys);
     free(b->fetch_list_queue);
+    free(b->tracking_argv);
+    free(b->tracking_lens);
     for (size_t i = 0; i < b->nacks; i++)
         free(b->acks[i]);
     free(b->acks);
@@ -553,10 +564,24 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
     }
     if (last_queue >= 0 && b->nqueues > 1) /* kombu moves the queue that delivered to the end */
         b->rotation = ((size_t)last_queue + 1) % b->nqueues;
-    if (got < requested)
-        b->maybe_ready = b->wake_seq != b->fetch_wake_seq || !b->tracking;
-    if (!b->tracking && got < requested)
-        b->maybe_ready = false; /* polling mode: the tick sets it again */
+    if (!b->tracking) {
+        b->maybe_ready = got == requested; /* polling mode: the tick sets it again */
+    } else if (got == requested) {
+        /* Busy: invalidations would only wake us for nothing (every result key written under the queue's
+         * prefix sends one), so switch them off until the queues look empty again. */
+        if (b->tracking_on)
+            rconn_command(&b->main, NULL, NULL, "CLIENT TRACKING OFF");
+        b->tracking_on = false;
+        b->maybe_ready = true;
+    } else if (!b->tracking_on) {
+        /* Empty again: switch invalidations on and look once more, since a message pushed between that
+         * fetch and this command sent no invalidation. Redis runs both in order on this connection. */
+        rconn_command_argv(&b->main, NULL, NULL, b->tracking_argc, b->tracking_argv, b->tracking_lens);
+        b->tracking_on = true;
+        b->maybe_ready = true;
+    } else {
+        b->maybe_ready = b->wake_seq != b->fetch_wake_seq;
+    }
 }
 
 void broker_fetch(struct broker *b, int max)
