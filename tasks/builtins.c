@@ -140,6 +140,9 @@ enum task_outcome task_builtin_sleep_ms(struct task_ctx *ctx, json_t *args, json
     if (secs > (double)INT32_MAX)
         return task_fail(ctx, "OverflowError", "sleep length is too large");
     struct timespec req = {.tv_sec = (time_t)secs, .tv_nsec = (long)((ms - secs * 1000.0) * 1e6)};
+    /* ms - secs * 1000 can land a hair outside [0, 1000) through rounding; nanosleep would refuse it. */
+    if (req.tv_nsec < 0)
+        req.tv_nsec = 0;
     if (req.tv_nsec > 999999999)
         req.tv_nsec = 999999999;
     struct timespec rem;
@@ -256,8 +259,12 @@ enum task_outcome task_builtin_incr(struct task_ctx *ctx, json_t *args, json_t *
         return TASK_FAILURE;
     }
     redisReply *reply = redisCommand(c, "INCR %b", k, klen);
+    /* redis-py's wording for the same two situations. The context is left in its error state: the worker's
+     * redis() provider sees c->err and reconnects for the next task. */
+    if (!reply && c->err == REDIS_ERR_EOF)
+        return task_fail(ctx, "ConnectionError", "Connection closed by server.");
     if (!reply)
-        return task_fail(ctx, "ConnectionError", "Error while reading from Redis: %s",
+        return task_fail(ctx, "ConnectionError", "Error while reading from socket: %s",
                          c->errstr[0] ? c->errstr : "connection lost");
     enum task_outcome out;
     if (reply->type == REDIS_REPLY_ERROR)
