@@ -47,7 +47,7 @@ struct child_state {
  * time (keeping the pool busy while the main loop talks to Redis) while long ones are handed out one at a
  * time to whichever child is free, as Celery's fair scheduling does. */
 #define COST_SLOTS 256
-#define COST_UNKNOWN 0.001 /* a task never seen is assumed to take this long */
+#define COST_UNKNOWN 0.002 /* a task never seen is assumed long: handed only to an idle child */
 #define DISPATCH_HORIZON 0.002 /* queue to a busy child only while its backlog is shorter than this */
 #define CHILD_QUEUE_MAX 256
 struct cost_slot {
@@ -230,13 +230,16 @@ static void on_stored(void *arg, bool ok)
     free(sc);
 }
 
-/* Settles a job the main process refuses without running it: FAILURE stored when the id is known, acked. */
-static void fail_job(struct consumer *c, struct job *j, const char *exc_type, const char *message)
+/* Settles a job the main process refuses without running it: FAILURE stored when the id is known, acked.
+ * with_traceback: false where stock Celery stores a null traceback (NotRegistered). */
+static void fail_job(struct consumer *c, struct job *j, const char *exc_type, const char *message,
+                     bool with_traceback)
 {
     struct buf doc = {0};
     if (j->req.id.s && !j->req.ignore_result) {
         struct buf tb = {0};
-        result_traceback(&tb, j->req.task.s ? j->req.task.s : "?", exc_type, message);
+        if (with_traceback)
+            result_traceback(&tb, j->req.task.s ? j->req.task.s : "?", exc_type, message);
         struct result_meta meta = {j->req.id.s, j->req.group.s, j->req.parent_id.s};
         result_doc_exception(&doc, &meta, "FAILURE", exc_type, message, tb.data, epoch_now());
         buf_free(&tb);
@@ -269,13 +272,13 @@ static void on_deliver(void *arg, struct broker_delivery *d)
         size_t show = d->len < 512 ? d->len : 512;
         log_error("Received invalid message%s%s: %s; message (%zu bytes): %.*s", j->req.id.s ? " for task " : "",
                   j->req.id.s ? j->req.id.s : "", err, d->len, (int)show, d->raw);
-        fail_job(c, j, executor_decode_exc_type(rc), err);
+        fail_job(c, j, executor_decode_exc_type(rc), err, true);
         return;
     }
     if (!task_registry_find(j->req.task.s)) {
         log_error("Received unregistered task of type '%s'.\nThe message has been ignored and discarded.",
                   j->req.task.s);
-        fail_job(c, j, "NotRegistered", j->req.task.s);
+        fail_job(c, j, "NotRegistered", j->req.task.s, false);
         return;
     }
     if (log_enabled(LOG_INFO)) {
@@ -304,11 +307,11 @@ static void on_result(void *arg, int child, const struct pool_result *r)
     if (c->children[child].backlog < 0 || !c->children[child].jobs.len)
         c->children[child].backlog = 0;
     learn_cost(c, j->req.task.s, r->runtime);
-    if (log_enabled(LOG_INFO)) {
+    if (r->failed || log_enabled(LOG_INFO)) {
         char label[256];
         job_label(j, label, sizeof label);
         if (r->failed)
-            log_info("Task %s raised unexpected: %s", label, r->summary);
+            log_error("Task %s raised unexpected: %s", label, r->summary);
         else
             log_info("Task %s succeeded in %.6gs: %s", label, r->runtime, r->summary);
     }
@@ -339,7 +342,7 @@ static void on_child_exit(void *arg, int child, int status)
                      sigabbrev_np(WTERMSIG(status)) ? sigabbrev_np(WTERMSIG(status)) : "?");
         log_error("Task handler raised error: WorkerLostError('%s') [%s]", message, label);
         c->processed++;
-        fail_job(c, running, "WorkerLostError", message);
+        fail_job(c, running, "WorkerLostError", message, true);
     }
     struct job *j;
     struct job_list back = {0};

@@ -162,8 +162,14 @@ bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *
         goto out;
     }
     json_error_t jerr;
-    body = json_loadb(req.body, req.body_len, 0, &jerr);
+    body = json_loadb(req.body, req.body_len, JSON_ALLOW_NUL, &jerr);
     if (!body) {
+        if (json_error_code(&jerr) == json_error_numeric_overflow) {
+            /* Python ints are unbounded; native tasks take int64, so say what Python would for a C long. */
+            snprintf(err, sizeof err, "task argument out of the 64-bit integer range: %s", jerr.text);
+            fail_doc(doc, summary, &req, "OverflowError", err);
+            goto out;
+        }
         snprintf(err, sizeof err, "task body is not valid JSON: %s (line %d, column %d)", jerr.text, jerr.line,
                  jerr.column);
         fail_doc(doc, summary, &req, "DecodeError", err);
