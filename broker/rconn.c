@@ -139,13 +139,26 @@ size_t rconn_pending(const struct rconn *c)
 
 void rconn_command_argv(struct rconn *c, rconn_cb cb, void *arg, int argc, const char **argv, const size_t *lens)
 {
+    rconn_command_resp(c, cb, arg, argc, argv, lens);
+}
+
+void rconn_command_resp(struct rconn *c, rconn_cb cb, void *arg, int argc, const char **argv, const size_t *lens)
+{
     if (!c->ctx) {
         bool steal = false;
         if (cb)
             cb(c, NULL, arg, &steal);
         return;
     }
-    redisAppendCommandArgv(c->ctx, argc, argv, lens);
+    char head[32];
+    int n = snprintf(head, sizeof head, "*%d\r\n", argc);
+    c->ctx->obuf = sdscatlen(c->ctx->obuf, head, (size_t)n);
+    for (int i = 0; i < argc; i++) {
+        n = snprintf(head, sizeof head, "$%zu\r\n", lens[i]);
+        c->ctx->obuf = sdscatlen(c->ctx->obuf, head, (size_t)n);
+        c->ctx->obuf = sdscatlen(c->ctx->obuf, argv[i], lens[i]);
+        c->ctx->obuf = sdscatlen(c->ctx->obuf, "\r\n", 2);
+    }
     queue_push(c, cb, arg);
 }
 

@@ -49,6 +49,8 @@ size_t rconn_pending(const struct rconn *c);
 
 /* Appends one command (argv form; argv strings borrowed, copied into the output buffer). */
 void rconn_command_argv(struct rconn *c, rconn_cb cb, void *arg, int argc, const char **argv, const size_t *lens);
+/* Same as rconn_command_argv, formatted straight into the output buffer (no intermediate copies). */
+void rconn_command_resp(struct rconn *c, rconn_cb cb, void *arg, int argc, const char **argv, const size_t *lens);
 /* Appends one command in hiredis printf form ("SETEX %b %d %b"). */
 void rconn_command(struct rconn *c, rconn_cb cb, void *arg, const char *fmt, ...);
 
