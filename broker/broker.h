@@ -98,6 +98,12 @@ int broker_restore_visible(struct broker *b, double now);
 
 const char *broker_errstr(const struct broker *b);
 
+/* The Redis list that holds messages of `priority` for `queue`, as kombu names it: priorities are clamped to
+ * 0..9 and rounded down to the steps 0, 3, 6, 9; step 0 is the queue name itself, the others append
+ * "\x06\x16" and the step digit ("celery\x06\x163"). Writes at most dstlen bytes including the NUL;
+ * returns the key length. */
+size_t broker_priority_key(char *dst, size_t dstlen, const char *queue, int priority);
+
 /* ---------------------------------------------------------------- result backend */
 
 struct backend;

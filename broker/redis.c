@@ -15,8 +15,15 @@
 #define MAX_FETCH 1000 /* the script unpacks 2 values per message; Lua's stack allows ~8000 */
 #define POLL_FALLBACK_S 0.05
 
-static const char *const priority_steps[] = {"", SEP "3", SEP "6", SEP "9"};
-enum { NPRIO = 4 };
+enum { NPRIO = 4 }; /* kombu's priority steps: 0, 3, 6, 9 */
+
+size_t broker_priority_key(char *dst, size_t dstlen, const char *queue, int priority)
+{
+    int p = priority < 0 ? 0 : priority > 9 ? 9 : priority;
+    int step = p / 3 * 3;
+    int n = step ? snprintf(dst, dstlen, "%s" SEP "%d", queue, step) : snprintf(dst, dstlen, "%s", queue);
+    return n < 0 ? 0 : (size_t)n;
+}
 
 /* KEYS: unacked_index, unacked, then the queue lists in pop order.
  * ARGV: max, score, prefix for tags of messages that carry none, then one JSON-escaped queue name per list.
@@ -351,9 +358,9 @@ struct broker *broker_open(const struct broker_endpoint *ep, const struct broker
         b->queues[q] = strdup(opt->queues[q]);
         b->queues_json[q] = json_escaped(opt->queues[q]);
         for (size_t p = 0; p < NPRIO; p++) {
-            size_t n = strlen(opt->queues[q]) + strlen(priority_steps[p]) + 1;
+            size_t n = strlen(opt->queues[q]) + 4;
             b->keys[q * NPRIO + p] = malloc(n);
-            snprintf(b->keys[q * NPRIO + p], n, "%s%s", opt->queues[q], priority_steps[p]);
+            broker_priority_key(b->keys[q * NPRIO + p], n, opt->queues[q], (int)p * 3);
         }
     }
     snprintf(b->tag_prefix, sizeof b->tag_prefix, "celeriac-%lx-%lx-", (unsigned long)getpid(),
