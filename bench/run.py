@@ -15,6 +15,7 @@ against the same redis-server on a free loopback port. Nothing else is contacted
 not a test: it exits 0 whether or not the targets are met (1 only when it could not measure).
 """
 import argparse
+import gc
 import json
 import os
 import select
@@ -301,7 +302,19 @@ def fib_times(rs, template, n):
 # --------------------------------------------------------------------------------------------------------
 # (a), (d after) and (e): a pre-published backlog drained by a freshly started worker.
 
+def window(sa, sb, own):
+    """What the worker sent to Redis between two INFO snapshots: {"cmd": {name: calls}, "reads", "cpu_s",
+    "net_in"}. own: {name: calls} the bench itself sent in between, each in its own round trip."""
+    cmd = {k: v - sa["cmd"].get(k, 0) - own.get(k, 0) for k, v in sb["cmd"].items()}
+    st = lambda k: sb["stats"].get(k, 0) - sa["stats"].get(k, 0)  # noqa: E731
+    return {"cmd": {k: v for k, v in cmd.items() if v}, "reads": st("total_reads_processed") - sum(own.values()),
+            "cpu_s": st("used_cpu_user") + st("used_cpu_sys"), "net_in": st("total_net_input_bytes")}
+
+
 def drain_once(kind, rs, template, n, app, opts):
+    """Publishes n noops, starts the worker, times start of consumption -> last result, and takes INFO
+    snapshots at launch (s0), at the first pop seen (s_t0) and at the last result (s1): s0..s_t0 is the
+    worker's start-up, s_t0..s1 the drain that (e) reports."""
     r0, r1 = rs.client(0), rs.client(1)
     r0.flushall()
     ids = messages.publish(r0, template, n)
@@ -309,33 +322,38 @@ def drain_once(kind, rs, template, n, app, opts):
         raise BenchError("publishing the backlog failed")
     c0, c1 = Counted(rs, 0), Counted(rs, 1)
     w = kind.make(rs)
+    n_llen = n_dbsize = 0
     try:
-        c0.sent = c1.sent = 0
         s0 = info(c0)
         w.start()
         t_launch = time.perf_counter()
         # start of consumption: the first time the queue is seen shorter than the backlog
         deadline = t_launch + 90
-        while c0.call("LLEN", QUEUE) >= n:
+        while True:
+            n_llen += 1
+            if c0.call("LLEN", QUEUE) < n:
+                break
             if not w.running():
                 fail_with_log(w, f"{w.name} exited during start-up")
             if time.perf_counter() > deadline:
                 fail_with_log(w, f"{w.name} did not start consuming within 90 s")
             time.sleep(0.0005)
         t0 = time.perf_counter()
+        s_t0 = info(c0)
         cpu0 = procs.cpu_seconds(w.pid)
         # end: every result key present (db 1 holds nothing else)
         deadline = t0 + max(60.0, n / 100.0)
-        while c1.call("DBSIZE") < n:
+        while True:
+            n_dbsize += 1
+            if c1.call("DBSIZE") >= n:
+                break
             if not w.running():
                 fail_with_log(w, f"{w.name} exited while draining")
             if time.perf_counter() > deadline:
-                fail_with_log(w, f"{w.name} did not store all {n} results within {deadline - t0:.0f} s "
-                                 f"({c1.call('DBSIZE')} stored)")
+                fail_with_log(w, f"{w.name} did not store all {n} results within {deadline - t0:.0f} s")
             time.sleep(0.002)
         t1 = time.perf_counter()
         s1 = info(c0)
-        own = c0.sent + c1.sent - 1  # minus the INFO that produced s1, which s1 does not count
         cpu1 = procs.cpu_seconds(w.pid)
         mem = procs.memory(w.pid)
         time.sleep(0.3)
@@ -350,25 +368,19 @@ def drain_once(kind, rs, template, n, app, opts):
     if verified["bad"]:
         raise BenchError(f"{kind.label}: {verified['bad']} of {n} results wrong, e.g. {verified['example']}")
 
-    ds = lambda k: s1["stats"].get(k, 0) - s0["stats"].get(k, 0)  # noqa: E731
-    cmd_delta = {k: v - s0["cmd"].get(k, 0) for k, v in s1["cmd"].items() if v - s0["cmd"].get(k, 0)}
-    # the bench's own commands in the window: the INFO that produced s0, the LLEN and DBSIZE polls
-    n_llen = c0.sent - 2  # c0 sent the two INFOs and the LLENs
-    n_dbsize = c1.sent
-    cmd_delta["info"] = cmd_delta.get("info", 0) - 1
-    cmd_delta["llen"] = cmd_delta.get("llen", 0) - n_llen
-    cmd_delta["dbsize"] = cmd_delta.get("dbsize", 0) - n_dbsize
-    cmd_delta = {k: v for k, v in cmd_delta.items() if v}
-    commands = sum(cmd_delta.values())
-    reads = ds("total_reads_processed") - own
+    # INFO does not count itself, so s_t0 holds s0's INFO and s1 holds s_t0's.
+    startup = window(s0, s_t0, {"info": 1, "llen": n_llen})
+    drain = window(s_t0, s1, {"info": 1, "dbsize": n_dbsize})
+    commands = sum(drain["cmd"].values())
     return {
         "n": n, "rate": n / (t1 - t0), "seconds": t1 - t0, "startup_s": t0 - t_launch,
         "worker_cpu_us_per_task": (cpu1 - cpu0) / n * 1e6,
-        "redis_cpu_us_per_task": (ds("used_cpu_user") + ds("used_cpu_sys")) / n * 1e6,
+        "redis_cpu_us_per_task": drain["cpu_s"] / n * 1e6,
         "commands_per_task": commands / n,
-        "round_trips_per_task": reads / n,
-        "net_in_bytes_per_task": (ds("total_net_input_bytes")) / n,
-        "by_command": {k: v / n for k, v in sorted(cmd_delta.items(), key=lambda kv: -kv[1])},
+        "round_trips_per_task": drain["reads"] / n,
+        "net_in_bytes_per_task": drain["net_in"] / n,
+        "by_command": {k: v / n for k, v in sorted(drain["cmd"].items(), key=lambda kv: -kv[1])},
+        "startup_commands": sum(startup["cmd"].values()), "startup_reads": startup["reads"],
         "mem_after": mem, "leftover": leftover, "verified": verified["ok"], "exit_code": code,
     }
 
@@ -390,19 +402,22 @@ def verify(r1, ids, app, samples):
         from celery.result import AsyncResult
         step = max(1, len(ids) // samples)
         for tid in ids[::step][:samples]:
-            if AsyncResult(tid, app=app).get(timeout=10) is not None:
+            res = AsyncResult(tid, app=app)
+            if res.get(timeout=10) is not None:
                 bad += 1
                 example = example or (tid, "AsyncResult.get() did not return None")
+            del res
+        gc.collect()  # AsyncResult.__del__ talks to Redis: let it happen while the server is up
     return {"ok": ok, "bad": bad, "example": example}
 
 
 # --------------------------------------------------------------------------------------------------------
 # One worker kind, start to end.
 
-def bench_kind(kind, rs, tmpl, app, opts, sections, sizes):
+def live_phase(kind, rs, tmpl, app, opts, sections, sizes):
+    """(d) idle, (b) and (c) on one freshly started worker."""
     out = {}
-    live = sections & {"b", "c", "d"}
-    if live:
+    if sections & {"b", "c", "d"}:
         rs.client(0).flushall()
         w = kind.make(rs)
         try:
@@ -435,21 +450,22 @@ def bench_kind(kind, rs, tmpl, app, opts, sections, sizes):
         finally:
             stop_worker(w)
             w.cleanup()
-    if sections & {"a", "d", "e"}:
-        runs = []
-        n = sizes["drain_" + kind.key]
-        for i in range(sizes["repeat"]):
-            r = drain_once(kind, rs, tmpl["noop"], n, app, opts)
-            runs.append(r)
-            left = ", ".join(f"{k} {v}" for k, v in r["leftover"].items() if v)
-            log(f"    drain {i + 1}/{sizes['repeat']}: {n} tasks in {r['seconds']:.3f} s = {r['rate']:,.0f} tasks/s"
-                f" (started consuming {r['startup_s']:.2f} s after launch; {r['verified']} results verified"
-                f"{'; LEFT: ' + left if left else ''}); {r['commands_per_task']:.2f} commands/task, "
-                f"~{r['round_trips_per_task']:.2f} round trips/task")
-        out["drain_runs"] = runs
-        med = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
-        out["drain"] = med
     return out
+
+
+def drain_round(kind, rs, tmpl, app, opts, sizes, i, out):
+    """One drain run (a, d after, e) of one worker; the runs of the two workers alternate."""
+    n = sizes["drain_" + kind.key]
+    r = drain_once(kind, rs, tmpl["noop"], n, app, opts)
+    out.setdefault("drain_runs", []).append(r)
+    left = ", ".join(f"{k} {v}" for k, v in r["leftover"].items() if v)
+    log(f"    {kind.label} drain {i + 1}/{sizes['repeat']}: {n} tasks in {r['seconds']:.3f} s = "
+        f"{r['rate']:,.0f} tasks/s (consuming {r['startup_s']:.2f} s after launch; {r['verified']} results "
+        f"verified{'; LEFT: ' + left if left else ''}); {r['commands_per_task']:.2f} commands/task, "
+        f"~{r['round_trips_per_task']:.2f} round trips/task; start-up before the first pop: "
+        f"{r['startup_commands']} commands, {r['startup_reads']} reads")
+    runs = out["drain_runs"]
+    out["drain"] = sorted(runs, key=lambda x: x["rate"])[len(runs) // 2]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -512,7 +528,13 @@ def report(res, opts):
         g(ce, "drain", "worker_cpu_us_per_task"), f1, target="info")
 
     head = ("", "stock celery", "celeriac", "ratio", "target")
-    rows = [r for r in rows if r[1] != "-" or r[2] != "-"]
+    sections = set(opts.only.replace(" ", "").split(","))
+    kept, sec = [], None
+    for r in rows:  # a row belongs to the section its label names; indented rows to the one above
+        sec = r[0][1] if r[0].startswith("(") else sec
+        if sec in sections and (r[1] != "-" or r[2] != "-"):
+            kept.append(r)
+    rows = kept
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
     line = lambda r: "  ".join(r[i].ljust(widths[i]) if i in (0, 4) else r[i].rjust(widths[i])  # noqa: E731
                                for i in range(5)).rstrip()
@@ -522,7 +544,7 @@ def report(res, opts):
         log(line(r))
     for key, label in (("stock", "stock celery"), ("celeriac", "celeriac")):
         bc = g(res.get(key, {}), "drain", "by_command")
-        if bc:
+        if bc and "e" in sections:
             log(f"(e) {label}, commands per task: " + ", ".join(f"{k} {v:.2f}" for k, v in bc.items() if v >= 0.005))
 
 
@@ -575,6 +597,9 @@ def main():
     order = [k for k in ("stock", "celeriac") if k in wanted]
     log(f"bench: sections {','.join(sorted(sections))}; workers {', '.join(order)}; -c {opts.concurrency}, "
         f"--prefetch-multiplier {opts.prefetch_multiplier}, -l {opts.loglevel}; {os.cpu_count()} cores")
+    load1 = os.getloadavg()[0]
+    if load1 > 0.5:
+        log(f"bench: note: load average {load1:.2f} before starting; other work on this machine adds noise")
     results = {"sizes": sizes, "options": vars(opts)}
     t_start = time.perf_counter()
     try:
@@ -592,12 +617,29 @@ def main():
                 results["harness_floor"] = harness_floor(rs)
                 log(f"bench: harness floor (PUBLISH -> subscriber, no worker): "
                     f"p50 {results['harness_floor']['p50_ms']:.3f} ms, p99 {results['harness_floor']['p99_ms']:.3f} ms")
-            for key in order:
-                kind = Kind(key, "stock celery" if key == "stock" else "celeriac", opts)
-                log(f"== {kind.label}")
+            kinds = [Kind(key, "stock celery" if key == "stock" else "celeriac", opts) for key in order]
+            for kind in kinds:
+                results[kind.key] = {}
+            if sections & {"b", "c", "d"}:
+                for kind in kinds:
+                    log(f"== {kind.label}: idle memory, latency, fib")
+                    t = time.perf_counter()
+                    results[kind.key].update(live_phase(kind, rs, tmpl, app, opts, sections, sizes))
+                    log(f"   ({time.perf_counter() - t:.0f} s)")
+            if sections & {"a", "d", "e"}:
+                log("== drain of a pre-published backlog, the workers taking turns")
                 t = time.perf_counter()
-                results[key] = bench_kind(kind, rs, tmpl, app, opts, sections, sizes)
+                for i in range(sizes["repeat"]):
+                    for kind in kinds:
+                        drain_round(kind, rs, tmpl, app, opts, sizes, i, results[kind.key])
                 log(f"   ({time.perf_counter() - t:.0f} s)")
+            # AsyncResult.__del__ unsubscribes through the client's pub/sub connection; with Redis gone it
+            # would print a reconnect traceback at exit. Collect now and drop that connection.
+            gc.collect()
+            consumer = app.backend.result_consumer
+            if getattr(consumer, "_pubsub", None) is not None:
+                consumer.stop()
+                consumer._pubsub = None
     except BenchError as e:
         log(f"bench: FAILED: {e}")
         return 1
