@@ -13,6 +13,15 @@
 
 #define SEP "\x06\x16"
 #define MAX_FETCH 1000 /* the script unpacks 2 values per message; Lua's stack allows ~8000 */
+#define MAX_FETCHES 2
+
+/* One fetch in flight. */
+struct fetch {
+    struct broker *b;
+    int requested;
+    unsigned long wake_seq; /* invalidations seen when it was sent */
+    int list_queue[];       /* list number (0-based, in the order sent) -> queue index */
+};
 #define POLL_FALLBACK_S 0.05
 
 enum { NPRIO = 4 }; /* kombu's priority steps: 0, 3, 6, 9 */
@@ -183,10 +192,11 @@ struct broker {
     char tag_prefix[48];
     unsigned long long fetch_count;
 
-    int fetch_requested;     /* > 0 while a fetch is in flight */
+    int fetch_requested;     /* messages the fetches in flight may still deliver */
+    int fetches;             /* fetches in flight: up to MAX_FETCHES, so Redis has the next one queued while
+                              * we handle the reply of the previous one */
     bool maybe_ready;        /* the queues may hold messages */
     unsigned long wake_seq;  /* invalidations seen */
-    unsigned long fetch_wake_seq;
     bool tracking;           /* the wake-up channel works; else poll every POLL_FALLBACK_S */
     bool tracking_on;        /* invalidations are switched on right now (only while the queues look empty) */
     const char **tracking_argv; /* the CLIENT TRACKING ON command, kept to switch it back on */
@@ -195,7 +205,6 @@ struct broker {
     char tracking_id[32];
     double next_poll, next_restore;
 
-    int *fetch_list_queue;   /* for the fetch in flight: list number (0-based) -> queue index */
     struct tagset held;      /* tags delivered and not yet acked or requeued */
     char **acks;             /* tags to ack at the next flush (owned) */
     size_t nacks, cap_acks;
@@ -353,7 +362,6 @@ struct broker *broker_open(const struct broker_endpoint *ep, const struct broker
     b->queues = calloc(opt->nqueues, sizeof *b->queues);
     b->queues_json = calloc(opt->nqueues, sizeof *b->queues_json);
     b->keys = calloc(opt->nqueues * NPRIO, sizeof *b->keys);
-    b->fetch_list_queue = calloc(opt->nqueues * NPRIO, sizeof *b->fetch_list_queue);
     for (size_t q = 0; q < opt->nqueues; q++) {
         b->queues[q] = strdup(opt->queues[q]);
         b->queues_json[q] = json_escaped(opt->queues[q]);
@@ -406,7 +414,6 @@ void broker_close(struct broker *b)
     free(b->queues);
     free(b->queues_json);
     free(b->keys);
-    free(b->fetch_list_queue);
     free(b->tracking_argv);
     free(b->tracking_lens);
     for (size_t i = 0; i < b->nacks; i++)
@@ -525,7 +532,7 @@ int broker_next_tick_ms(const struct broker *b, double now)
 
 bool broker_should_fetch(const struct broker *b)
 {
-    return b->fetch_requested == 0 && b->maybe_ready && rconn_connected(&b->main);
+    return b->fetches < MAX_FETCHES && b->maybe_ready && rconn_connected(&b->main);
 }
 
 int broker_fetch_in_flight(const struct broker *b)
@@ -537,18 +544,19 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
 {
     (void)c;
     (void)steal;
-    struct broker *b = arg;
-    int requested = b->fetch_requested;
-    b->fetch_requested = 0;
-    if (!r)
-        return;
-    if (r->type == REDIS_REPLY_ERROR) {
-        rconn_log(&b->main, BROKER_LOG_WARNING, "fetch script failed: %s", r->str);
-        b->maybe_ready = false; /* retried by the next poll tick instead of spinning */
+    struct fetch *f = arg;
+    struct broker *b = f->b;
+    int requested = f->requested;
+    b->fetch_requested -= requested;
+    b->fetches--;
+    if (!r || r->type != REDIS_REPLY_ARRAY) {
+        if (r && r->type == REDIS_REPLY_ERROR) {
+            rconn_log(&b->main, BROKER_LOG_WARNING, "fetch script failed: %s", r->str);
+            b->maybe_ready = false; /* retried by the next poll tick instead of spinning */
+        }
+        free(f);
         return;
     }
-    if (r->type != REDIS_REPLY_ARRAY)
-        return;
     int got = (int)(r->elements / 3);
     int last_queue = -1;
     for (size_t i = 0; i + 2 < r->elements; i += 3) {
@@ -564,7 +572,7 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
         msg->str = NULL;
         d->tag = strdup(tag->str);
         long long list = idx->integer - 1;
-        d->queue = list >= 0 && (size_t)list < b->nqueues * NPRIO ? b->fetch_list_queue[list] : 0;
+        d->queue = list >= 0 && (size_t)list < b->nqueues * NPRIO ? f->list_queue[list] : 0;
         last_queue = d->queue;
         tagset_add(&b->held, d->tag);
         b->h.on_deliver(b->arg, d);
@@ -587,18 +595,25 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
         b->tracking_on = true;
         b->maybe_ready = true;
     } else {
-        b->maybe_ready = b->wake_seq != b->fetch_wake_seq;
+        b->maybe_ready = b->wake_seq != f->wake_seq;
     }
+    free(f);
 }
 
 void broker_fetch(struct broker *b, int max)
 {
-    if (max <= 0 || b->fetch_requested)
+    if (max <= 0 || b->fetches >= MAX_FETCHES)
         return;
     if (max > MAX_FETCH)
         max = MAX_FETCH;
     size_t nkeys = b->nqueues * NPRIO;
     size_t argc = 3 + 2 + nkeys + 3 + nkeys;
+    struct fetch *f = malloc(sizeof *f + nkeys * sizeof *f->list_queue);
+    if (!f)
+        abort();
+    f->b = b;
+    f->requested = max;
+    f->wake_seq = b->wake_seq;
     const char **argv = malloc(argc * sizeof *argv);
     size_t *lens = malloc(argc * sizeof *lens);
     if (!argv || !lens)
@@ -619,7 +634,7 @@ void broker_fetch(struct broker *b, int max)
     for (size_t p = 0; p < NPRIO; p++) {
         for (size_t i = 0; i < nq; i++) {
             size_t q = (b->rotation + i) % nq;
-            b->fetch_list_queue[a - first_key] = (int)q;
+            f->list_queue[a - first_key] = (int)q;
             argv[a++] = b->keys[q * NPRIO + p];
         }
     }
@@ -627,13 +642,12 @@ void broker_fetch(struct broker *b, int max)
     argv[a++] = score;
     argv[a++] = prefix;
     for (size_t i = 0; i < nkeys; i++)
-        argv[a++] = b->queues_json[b->fetch_list_queue[i]];
+        argv[a++] = b->queues_json[f->list_queue[i]];
     for (size_t i = 0; i < a; i++)
         lens[i] = strlen(argv[i]);
-    b->fetch_requested = max;
-    b->fetch_wake_seq = b->wake_seq;
-    b->maybe_ready = false;
-    rconn_command_argv(&b->main, on_fetch_reply, b, (int)a, argv, lens);
+    b->fetch_requested += max;
+    b->fetches++;
+    rconn_command_argv(&b->main, on_fetch_reply, f, (int)a, argv, lens);
     free(argv);
     free(lens);
 }

@@ -520,9 +520,14 @@ int consumer_run(const struct config *cfg)
             break;
 
         dispatch(c);
+        /* Two fetches of half the budget each, so Redis already works on the next while we handle one. */
         int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
-        if (!c->stopping && budget > 0 && broker_should_fetch(c->broker))
-            broker_fetch(c->broker, budget);
+        int half = c->prefetch > 1 ? (c->prefetch + 1) / 2 : 1;
+        while (!c->stopping && budget > 0 && broker_should_fetch(c->broker)) {
+            int ask = budget < half ? budget : half;
+            broker_fetch(c->broker, ask);
+            budget -= ask;
+        }
         pool_flush(c->pool);
         if (broker_flush(c->broker) < 0) {
             log_critical("Lost the broker connection: %s", broker_errstr(c->broker));

@@ -8,8 +8,9 @@
  * Memory: one arena chunk of len + 1 bytes holds every string and the decoded body. That is always
  * enough: each extracted value comes from its own stretch of raw bytes, quotes included, and undoing
  * escapes or base64 never makes text longer, so decoded length + NUL fits in the raw stretch. Protocol v1
- * takes a second chunk for the fields it reads from the decoded body. Duplicate keys (last one wins, as in
- * Python) each use their own raw stretch, so the bound holds for them too.
+ * reads its fields from the decoded body, which bounds them the same way: they take a second chunk when
+ * the first has no room left. Duplicate keys (last one wins, as in Python) each use their own raw stretch,
+ * so the bound holds for them too.
  *
  * Errors: a JSON syntax error stops the scan at once. A wrong type in a known field does not: it is
  * recorded (first one wins) and the scan goes on, so that the task id is still found when it comes later
@@ -26,6 +27,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define MSG_MAX_DEPTH 64
 #define MSG_ERRMSG 240
@@ -39,38 +43,40 @@ struct arena_chunk {
     char data[];
 };
 
-/* Returns n bytes owned by r's arena (freed by msg_request_clear). A new chunk of max(n, hint) bytes is
- * taken when the current one is full. Allocation failure aborts, as everywhere else (see buf.h). */
-static char *arena_alloc(struct msg_request *r, size_t n, size_t hint)
+/* Makes a new chunk of cap bytes the current one. Allocation failure aborts, as everywhere else (buf.h). */
+static void arena_new_chunk(struct msg_request *r, size_t cap)
 {
-    struct arena_chunk *c = r->arena;
-    if (!c || c->cap - c->used < n) {
-        size_t cap = n > hint ? n : hint;
-        if (cap > SIZE_MAX - sizeof *c)
-            abort();
-        c = malloc(sizeof *c + cap);
-        if (!c) {
-            fputs("celeriac: out of memory\n", stderr);
-            abort();
-        }
-        c->next = r->arena;
-        c->cap = cap;
-        c->used = 0;
-        r->arena = c;
+    struct arena_chunk *c;
+    if (cap > SIZE_MAX - sizeof *c)
+        abort();
+    c = malloc(sizeof *c + cap);
+    if (!c) {
+        fputs("celeriac: out of memory\n", stderr);
+        abort();
     }
-    char *p = c->data + c->used;
-    c->used += n;
-    return p;
+    c->next = r->arena;
+    c->cap = cap;
+    c->used = 0;
+    r->arena = c;
 }
 
-/* Makes sure the next n bytes of arena_alloc come from one chunk, taking a new one if needed. */
+/* Makes sure the next n bytes of arena_alloc come from the current chunk. */
 static void arena_reserve(struct msg_request *r, size_t n)
 {
     struct arena_chunk *c = r->arena;
-    if (!c || c->cap - c->used < n) {
-        arena_alloc(r, n, n);
-        ((struct arena_chunk *)r->arena)->used = 0;
-    }
+    if (!c || c->cap - c->used < n)
+        arena_new_chunk(r, n);
+}
+
+/* Returns n bytes owned by r's arena (freed by msg_request_clear). The reserve made in msg_decode makes the
+ * fallback chunk a safety net that stock messages never use. */
+static char *arena_alloc(struct msg_request *r, size_t n)
+{
+    arena_reserve(r, n);
+    struct arena_chunk *c = r->arena;
+    char *p = c->data + c->used;
+    c->used += n;
+    return p;
 }
 
 void msg_request_clear(struct msg_request *r)
@@ -93,18 +99,27 @@ struct scan {
     const unsigned char *p, *end, *base;
     const char *what; /* "" for the envelope, " in the body" for a v1 body: names the text in JSON errors */
     bool json_failed;
-    char json_msg[MSG_ERRMSG];
     /* Type errors in known fields, first one per slot (SLOT_HDR: v2 headers, judged once the protocol is
      * known). */
     bool type_failed[SLOT_COUNT];
-    char type_msg[SLOT_COUNT][MSG_ERRMSG];
     /* Filled by the envelope scan. */
     const unsigned char *body_raw; /* borrowed from raw: the body string between its quotes */
     size_t body_rawlen;
     bool body_escaped, have_body;
     uint32_t hdr_seen;      /* bit i: header_fields[i] was present */
     struct msg_str taskset; /* v1 only */
+    /* Last, so that scan_init does not clear them: they are only read after their flag is set. */
+    char json_msg[MSG_ERRMSG];
+    char type_msg[SLOT_COUNT][MSG_ERRMSG];
 };
+
+static void scan_init(struct scan *sc, const char *text, size_t len, const char *what)
+{
+    memset(sc, 0, offsetof(struct scan, json_msg));
+    sc->p = sc->base = (const unsigned char *)(text ? text : "");
+    sc->end = sc->p + len;
+    sc->what = what;
+}
 
 static int json_fail(struct scan *sc, const char *why)
 {
@@ -215,7 +230,7 @@ static long hex4(const unsigned char *p, const unsigned char *end)
 
 /* True when one of the 8 bytes of v is '"', '\\', a control character or >= 0x80: the bytes a string scan
  * must look at. Word-at-a-time test (exact as a whole, though not per byte): lets plain ASCII runs, most
- * of a message (base64 body, uuids), go by 8 bytes per step. */
+ * of a message (base64 body, uuids), go by 8 bytes per step where SSE2 is missing, and for the tail. */
 static inline bool swar_special(uint64_t v)
 {
     const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
@@ -238,6 +253,22 @@ static int str_scan(struct scan *sc, struct span *sp)
     bool escaped = false;
     sp->raw = p;
     for (;;) {
+#ifdef __SSE2__
+        /* 16 bytes per step, and the mask tells where the first byte to look at is. A signed compare
+         * with 0x20 catches both control characters and bytes >= 0x80. */
+        while (end - p >= 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+            __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
+                                                    _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'))),
+                                       _mm_cmplt_epi8(v, _mm_set1_epi8(0x20)));
+            unsigned m = (unsigned)_mm_movemask_epi8(hit);
+            if (m) {
+                p += __builtin_ctz(m);
+                goto look;
+            }
+            p += 16;
+        }
+#endif
         while (end - p >= 8) {
             uint64_t v;
             memcpy(&v, p, 8);
@@ -245,6 +276,9 @@ static int str_scan(struct scan *sc, struct span *sp)
                 break;
             p += 8;
         }
+#ifdef __SSE2__
+    look:
+#endif
         if (p >= end) {
             sc->p = p;
             return json_fail(sc, "unexpected end of input in a string");
@@ -594,6 +628,7 @@ enum fkind {
     FK_BOOL,      /* boolean or null -> bool at off */
     FK_BOOL_OR,   /* same, but only ever sets it (redelivered comes from two places) */
     FK_TIMELIMIT, /* [hard, soft], each null or a number */
+    FK_SKIP,      /* any value: validated and skipped */
     FK_ARRAY,     /* must be an array (or null); validated and skipped */
     FK_OBJECT,    /* must be an object (or null); validated and skipped */
     FK_SUB,       /* an object (or null) whose members are read with the table sub */
@@ -626,41 +661,51 @@ struct ftable {
 #define F_SUB(n, t) {n, sizeof n - 1, FK_SUB, NO_OFF, NO_OFF, &t}
 #define TABLE(label, slot, arr) {label, slot, sizeof arr / sizeof arr[0], arr}
 
-/* Index of "task" in header_fields and v1_fields: its presence decides the protocol. */
-#define IDX_TASK 0
+/* The tables list members in the order Celery writes them (celery/app/amqp.py), because the search for a
+ * key starts after the previous match: on a stock message every lookup succeeds at the first try. Keys
+ * we only skip are listed too (FK_SKIP) for the same reason. */
+
+/* Position of "task" in header_fields: its presence decides the protocol. */
+#define HDR_IDX_TASK 1
 
 static const struct field header_fields[] = {
+    F_NONE("lang", FK_SKIP),
     F("task", FK_STR, task),
     F("id", FK_STR, id),
     F("shadow", FK_STR, shadow),
-    F("root_id", FK_STR, root_id),
-    F("parent_id", FK_STR, parent_id),
-    F("group", FK_STR, group),
     F("eta", FK_STR, eta),
     F("expires", FK_STR, expires),
-    F("origin", FK_STR, origin),
+    F("group", FK_STR, group),
+    F_HAS("group_index", FK_LLONG, group_index, has_group_index),
+    F("retries", FK_LLONG, retries),
+    F_NONE("timelimit", FK_TIMELIMIT),
+    F("root_id", FK_STR, root_id),
+    F("parent_id", FK_STR, parent_id),
     F("argsrepr", FK_STR, argsrepr),
     F("kwargsrepr", FK_STR, kwargsrepr),
-    F("retries", FK_LLONG, retries),
-    F_HAS("group_index", FK_LLONG, group_index, has_group_index),
-    F_NONE("timelimit", FK_TIMELIMIT),
+    F("origin", FK_STR, origin),
     F("ignore_result", FK_BOOL, ignore_result),
     F("redelivered", FK_BOOL_OR, redelivered),
 };
 
-#define IDX_TASKSET 6
+#define V1_IDX_TASK 0
+#define V1_IDX_TASKSET 13
 static const struct field v1_fields[] = {
     F("task", FK_STR, task),
     F("id", FK_STR, id),
-    F("args", FK_ARRAY, task), /* off unused */
-    F("kwargs", FK_OBJECT, task),
+    F_NONE("args", FK_ARRAY),
+    F_NONE("kwargs", FK_OBJECT),
+    F("group", FK_STR, group),
+    F_HAS("group_index", FK_LLONG, group_index, has_group_index),
     F("retries", FK_LLONG, retries),
     F("eta", FK_STR, eta),
-    F_NONE("taskset", FK_TASKSET),
-    F("group", FK_STR, group),
     F("expires", FK_STR, expires),
+    F_NONE("utc", FK_SKIP),
+    F_NONE("callbacks", FK_SKIP),
+    F_NONE("errbacks", FK_SKIP),
     F_NONE("timelimit", FK_TIMELIMIT),
-    F_HAS("group_index", FK_LLONG, group_index, has_group_index),
+    F_NONE("taskset", FK_TASKSET),
+    F_NONE("chord", FK_SKIP),
     F("shadow", FK_STR, shadow),
     F("root_id", FK_STR, root_id),
     F("parent_id", FK_STR, parent_id),
@@ -677,11 +722,12 @@ static const struct ftable delivery_info_table = TABLE("delivery_info field", SL
 
 static const struct field property_fields[] = {
     F("correlation_id", FK_STR, correlation_id),
-    F("delivery_tag", FK_STR, delivery_tag),
-    F("body_encoding", FK_STR, body_encoding),
     F("reply_to", FK_STR, reply_to),
-    F("priority", FK_INT, priority),
+    F_NONE("delivery_mode", FK_SKIP),
     F_SUB("delivery_info", delivery_info_table),
+    F("priority", FK_INT, priority),
+    F("body_encoding", FK_STR, body_encoding),
+    F("delivery_tag", FK_STR, delivery_tag),
 };
 
 static const struct ftable header_table = TABLE("header", SLOT_HDR, header_fields);
@@ -690,8 +736,8 @@ static const struct ftable v1_table = TABLE("v1 body field", SLOT_ENV, v1_fields
 
 static const struct field envelope_fields[] = {
     F_NONE("body", FK_BODY),
-    F("content-type", FK_STR, content_type),
     F("content-encoding", FK_STR, content_encoding),
+    F("content-type", FK_STR, content_type),
     F_SUB("headers", header_table),
     F_SUB("properties", property_table),
 };
@@ -723,7 +769,7 @@ static int take_str(struct scan *sc, struct msg_request *r, const struct ftable 
     struct span sp;
     if (str_scan(sc, &sp) < 0)
         return -1;
-    char *d = arena_alloc(r, sp.len + 1, sp.len + 1);
+    char *d = arena_alloc(r, sp.len + 1);
     size_t n = sp.len;
     if (sp.escaped) {
         n = str_unescape(sp.raw, sp.len, d);
@@ -869,6 +915,8 @@ static int take_field(struct scan *sc, struct msg_request *r, const struct ftabl
         }
         why = "must be [hard, soft] with each null or a finite number";
         break;
+    case FK_SKIP:
+        return skip_value(sc, depth);
     case FK_ARRAY:
         if (jt == JT_ARR || jt == JT_NULL)
             return skip_value(sc, depth);
@@ -906,6 +954,15 @@ static int take_field(struct scan *sc, struct msg_request *r, const struct ftabl
     return skip_value(sc, depth);
 }
 
+/* Keys are short: an inline loop beats a call to memcmp. */
+static inline bool key_eq(const char *a, const char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (a[i] != b[i])
+            return false;
+    return true;
+}
+
 /* sc->p at '{' of an object at nesting level depth whose members are read with table t. seen (may be
  * NULL) gets bit i set for each t->f[i] present (for tables of at most 32 entries). */
 static int scan_members(struct scan *sc, struct msg_request *r, const struct ftable *t, int depth,
@@ -914,16 +971,18 @@ static int scan_members(struct scan *sc, struct msg_request *r, const struct fta
     bool first = true;
     struct key k;
     int rc;
+    size_t next = 0; /* where the search starts: right after the previous match (see the tables) */
     if (enter(sc, depth) < 0)
         return -1;
     while ((rc = obj_next(sc, &first, &k)) > 0) {
-        size_t i;
-        for (i = 0; i < t->n; i++)
-            if (t->f[i].len == k.len && memcmp(t->f[i].name, k.s, k.len) == 0)
+        size_t i = next, tries;
+        for (tries = 0; tries < t->n; tries++, i = i + 1 == t->n ? 0 : i + 1)
+            if (t->f[i].len == k.len && key_eq(t->f[i].name, k.s, k.len))
                 break;
-        if (i == t->n) {
+        if (tries == t->n) {
             rc = skip_value(sc, depth + 1);
         } else {
+            next = i + 1 == t->n ? 0 : i + 1;
             if (seen && i < 32)
                 *seen |= (uint32_t)1 << i;
             rc = take_field(sc, r, t, &t->f[i], depth + 1);
@@ -960,7 +1019,7 @@ static int decode_body(struct scan *sc, struct msg_request *r, char *msg, size_t
     const char *enc = r->body_encoding.s;
     size_t n = sc->body_rawlen;
     if (!enc) {
-        char *d = arena_alloc(r, n + 1, n + 1);
+        char *d = arena_alloc(r, n + 1);
         size_t m = n;
         if (sc->body_escaped)
             m = str_unescape(sc->body_raw, n, d);
@@ -981,11 +1040,11 @@ static int decode_body(struct scan *sc, struct msg_request *r, char *msg, size_t
     char *d;
     if (sc->body_escaped) {
         /* Nobody escapes base64 text, but "\/" is legal JSON: unescape, then decode in place. */
-        d = arena_alloc(r, n + 1, n + 1);
+        d = arena_alloc(r, n + 1);
         n = str_unescape(sc->body_raw, n, d);
         src = d;
     } else {
-        d = arena_alloc(r, n % 4 ? 1 : n / 4 * 3 + 1, n + 1);
+        d = arena_alloc(r, n % 4 ? 1 : n / 4 * 3 + 1);
     }
     long m = base64_decode(src, n, (unsigned char *)d);
     if (m < 0) {
@@ -1002,12 +1061,7 @@ static int decode_body(struct scan *sc, struct msg_request *r, char *msg, size_t
 static int decode_v1(struct msg_request *r, char *msg, size_t msglen)
 {
     struct scan b;
-    memset(&b, 0, offsetof(struct scan, json_msg));
-    b.type_failed[SLOT_ENV] = b.type_failed[SLOT_HDR] = false;
-    b.taskset = (struct msg_str){NULL, 0};
-    b.p = b.base = (const unsigned char *)r->body;
-    b.end = b.p + r->body_len;
-    b.what = " in the body";
+    scan_init(&b, r->body, r->body_len, " in the body");
     uint32_t seen = 0;
     int rc;
 
@@ -1031,7 +1085,7 @@ static int decode_v1(struct msg_request *r, char *msg, size_t msglen)
         snprintf(msg, msglen, "%s", b.json_msg);
         return MSG_ERR_JSON;
     }
-    if (!(seen & (1u << IDX_TASK))) {
+    if (!(seen & (1u << V1_IDX_TASK))) {
         clear_task_fields(r);
         id_fallback(r);
         snprintf(msg, msglen, "unknown message: no 'task' header (protocol 2) and the body is not an "
@@ -1039,7 +1093,7 @@ static int decode_v1(struct msg_request *r, char *msg, size_t msglen)
         return MSG_ERR_UNKNOWN;
     }
     r->protocol = 1;
-    if (seen & (1u << IDX_TASKSET))
+    if (seen & (1u << V1_IDX_TASKSET))
         r->group = b.taskset; /* Celery: body['group'] = body['taskset'] when taskset is there */
     if (b.type_failed[SLOT_ENV]) {
         snprintf(msg, msglen, "%s", b.type_msg[SLOT_ENV]);
@@ -1069,17 +1123,7 @@ int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request 
         st = MSG_ERR_TOO_LARGE;
         goto out;
     }
-    /* Not a designated initializer: that would also clear the message buffers, a cost on every call. */
-    memset(&sc, 0, offsetof(struct scan, json_msg));
-    sc.type_failed[SLOT_ENV] = sc.type_failed[SLOT_HDR] = false;
-    sc.body_raw = NULL;
-    sc.body_rawlen = 0;
-    sc.body_escaped = sc.have_body = false;
-    sc.hdr_seen = 0;
-    sc.taskset = (struct msg_str){NULL, 0};
-    sc.p = sc.base = (const unsigned char *)(raw ? raw : "");
-    sc.end = sc.p + len;
-    sc.what = "";
+    scan_init(&sc, raw, len, "");
 
     arena_reserve(out, len + 1); /* the one chunk every envelope string and the body fit in (see top) */
 
@@ -1096,13 +1140,15 @@ int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request 
             rc = json_fail(&sc, "unexpected data after the JSON value");
     }
     if (rc < 0) {
+        if (sc.hdr_seen & (1u << HDR_IDX_TASK))
+            out->protocol = 2;
         id_fallback(out);
         snprintf(msg, sizeof msg, "%s", sc.json_msg);
         st = MSG_ERR_JSON;
         goto out;
     }
 
-    bool v2 = sc.hdr_seen & (1u << IDX_TASK);
+    bool v2 = sc.hdr_seen & (1u << HDR_IDX_TASK);
     if (v2)
         out->protocol = 2;
     else

@@ -59,18 +59,25 @@ struct msg_request {
  * saying what is wrong (e.g. "header 'retries' must be an integer"), and every field that could be read
  * before the error is still filled in: in particular `id` (from headers.id or properties.correlation_id)
  * whenever it is present, so the caller can store a FAILURE result for it.
- * The caller frees with msg_request_clear in every case. */
+ * The caller frees with msg_request_clear in every case. raw is borrowed (only read during the call);
+ * every string in *out is owned by *out. When several things are wrong, the status reported is the first
+ * of: TOO_LARGE, JSON (envelope), CONTENT_TYPE, ENVELOPE, BODY_ENCODING, then for v1 JSON (body),
+ * UNKNOWN, ENVELOPE. A CONTENT_TYPE error leaves body NULL (a refused body is never decoded). */
 int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request *out, char *err, size_t errlen);
 void msg_request_clear(struct msg_request *r);
 
-/* A Celery-style label for a request in log lines: "name[id]". Writes into dst (always NUL-terminated). */
+/* A Celery-style label for a request in log lines: "name[id]". Writes into dst (always NUL-terminated;
+ * borrowed, as is r), "<unknown>" / "?" for a missing name / id; control characters become '?' and a cut
+ * never splits a UTF-8 sequence. */
 void msg_label(const struct msg_request *r, char *dst, size_t dstlen);
 
 /* Standard padded base64 (RFC 4648). decode: returns the decoded length, or -1 on invalid input;
- * dst must hold at least base64_decoded_max(len) bytes. */
+ * dst must hold at least base64_decoded_max(len) bytes. dst may be src (decodes in place). Like Python's
+ * b64decode, non-zero unused bits in the last quad are accepted. Both pointers are borrowed. */
 size_t base64_decoded_max(size_t len);
 long base64_decode(const char *src, size_t len, unsigned char *dst);
-/* encode: dst must hold 4 * ((len + 2) / 3) + 1 bytes; NUL-terminates; returns the encoded length. */
+/* encode: dst must hold 4 * ((len + 2) / 3) + 1 bytes; NUL-terminates; returns the encoded length.
+ * Both pointers are borrowed. */
 size_t base64_encode(const unsigned char *src, size_t len, char *dst);
 
 #endif
