@@ -606,6 +606,7 @@ const char *result_exc_module(const char *exc_type)
         const char *module;
     } known[] = {
         {"NotRegistered", "celery.exceptions"},
+        {"InvalidTaskError", "celery.exceptions"},
         {"TaskRevokedError", "celery.exceptions"},
         {"ChordError", "celery.exceptions"},
         {"MaxRetriesExceededError", "celery.exceptions"},

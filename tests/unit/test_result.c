@@ -241,6 +241,7 @@ static void test_exc_module(void **state)
         {"IOError", "builtins"},
         {"UserWarning", "builtins"},
         {"NotRegistered", "celery.exceptions"},
+        {"InvalidTaskError", "celery.exceptions"},
         {"TaskRevokedError", "celery.exceptions"},
         {"ChordError", "celery.exceptions"},
         {"MaxRetriesExceededError", "celery.exceptions"},
