@@ -89,7 +89,8 @@ int rconn_open(struct rconn *c, const char *name, const struct broker_endpoint *
             goto fail;
         c->errstr[0] = '\0';
     }
-    redisEnableKeepAlive(ctx);
+    if (!ep->socket)
+        redisEnableKeepAlive(ctx); /* TCP only: on a unix socket it fails and poisons the context */
     /* From here on the caller's poll loop drives the socket: hiredis treats EAGAIN as "try later" only
      * when the context is not marked blocking. */
     int flags = fcntl(ctx->fd, F_GETFL);
