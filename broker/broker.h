@@ -70,12 +70,13 @@ void broker_close(struct broker *b);
 
 /* Fills up to max pollfds; returns how many. */
 int broker_pollfds(struct broker *b, struct pollfd *fds, int max);
-/* Handles the events on the pollfds broker_pollfds returned. Returns 0, or -1 if a connection broke
- * (broker_errstr says why). */
+/* Handles the events on the pollfds broker_pollfds returned. A broken connection is logged and reopened
+ * by broker_tick with backoff; meanwhile nothing is fetched and acks wait. Returns 0. */
 int broker_process(struct broker *b, const struct pollfd *fds, int n);
-/* Sends everything issued since the last flush. Returns 0 or -1 (connection broke). */
+/* Sends everything issued since the last flush. Returns 0. */
 int broker_flush(struct broker *b);
-/* Timers: polling fallback and the periodic visibility restore. now: epoch seconds. */
+bool broker_connected(const struct broker *b);
+/* Timers: reconnection, polling fallback and the periodic visibility restore. now: epoch seconds. */
 void broker_tick(struct broker *b, double now);
 /* Milliseconds until broker_tick has something to do (for the poll timeout). */
 int broker_next_tick_ms(const struct broker *b, double now);
@@ -116,9 +117,16 @@ int backend_pollfds(struct backend *be, struct pollfd *fds, int max);
 int backend_process(struct backend *be, const struct pollfd *fds, int n);
 int backend_flush(struct backend *be);
 const char *backend_errstr(const struct backend *be);
+/* Reconnection after a lost connection, with backoff. now: epoch seconds. */
+void backend_tick(struct backend *be, double now);
+int backend_next_tick_ms(const struct backend *be, double now);
+bool backend_connected(const struct backend *be);
+/* Results handed to backend_store and not yet confirmed by Redis. */
+size_t backend_pending(const struct backend *be);
 
 /* Stores doc as celery-task-meta-<task_id> and PUBLISHes it (the PUBLISH wakes AsyncResult.get()).
- * task_id and doc are copied. done (may be NULL) is called once the server confirmed both, or failed. */
+ * task_id and doc are copied. done (may be NULL) is called once the server confirmed both (ok) or answered
+ * with an error (not ok); a lost connection is not an answer: the result is sent again after reconnecting. */
 typedef void (*backend_done_fn)(void *arg, bool ok);
 void backend_store(struct backend *be, const char *task_id, const char *doc, size_t len, backend_done_fn done,
                    void *arg);

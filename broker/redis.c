@@ -23,6 +23,8 @@ struct fetch {
     int list_queue[];       /* list number (0-based, in the order sent) -> queue index */
 };
 #define POLL_FALLBACK_S 0.05
+#define BACKOFF_MIN 0.1
+#define BACKOFF_MAX 5.0
 
 enum { NPRIO = 4 }; /* kombu's priority steps: 0, 3, 6, 9 */
 
@@ -176,7 +178,9 @@ static void tagset_free(struct tagset *t)
 }
 
 struct broker {
+    const struct broker_endpoint *ep; /* borrowed */
     struct rconn main;       /* scripts, acks, restores */
+    double next_reconnect, backoff;
     struct rconn wake;       /* subscribed to key invalidations for the queue lists */
     struct broker_handlers h;
     void *arg;
@@ -279,7 +283,12 @@ static bool prefix_covered(const struct broker *b, size_t i)
 
 static void setup_tracking(struct broker *b, const struct broker_endpoint *ep)
 {
-    b->tracking = false;
+    b->tracking = b->tracking_on = false;
+    rconn_close(&b->wake);
+    free(b->tracking_argv);
+    free(b->tracking_lens);
+    b->tracking_argv = NULL;
+    b->tracking_lens = NULL;
     if (rconn_open(&b->wake, "broker-wake", ep, 5000) < 0)
         goto fallback;
     redisReply *r = rconn_call(&b->wake, "CLIENT ID");
@@ -348,6 +357,44 @@ static char *json_escaped(const char *s)
     return dumped;
 }
 
+static void send_acks(struct broker *b);
+
+/* Opens the connections and makes them ready to consume: scripts loaded (a restarted Redis has forgotten
+ * them), wake-up channel set up, acks that never got their reply sent again (acking twice is harmless). */
+static int connect_broker(struct broker *b, int timeout_ms)
+{
+    if (rconn_open(&b->main, "broker", b->ep, timeout_ms) < 0)
+        return -1;
+    if (load_script(b, pop_script, b->pop_sha) < 0 || load_script(b, restore_script, b->restore_sha) < 0 ||
+        load_script(b, unlock_script, b->unlock_sha) < 0) {
+        snprintf(b->main.errstr, sizeof b->main.errstr, "%s", b->errstr);
+        rconn_close(&b->main);
+        return -1;
+    }
+    b->errstr[0] = '\0';
+    setup_tracking(b, b->ep);
+    b->maybe_ready = true;
+    b->backoff = 0;
+    send_acks(b);
+    return 0;
+}
+
+static void lost(struct broker *b, const char *why)
+{
+    snprintf(b->errstr, sizeof b->errstr, "%s", why);
+    rconn_log(&b->main, BROKER_LOG_ERROR,
+              "consumer: Connection to broker lost (%s). Trying to re-establish the connection...", why);
+    rconn_close(&b->main);
+    rconn_close(&b->wake);
+    b->backoff = BACKOFF_MIN;
+    b->next_reconnect = now_epoch() + b->backoff;
+}
+
+bool broker_connected(const struct broker *b)
+{
+    return rconn_connected(&b->main);
+}
+
 struct broker *broker_open(const struct broker_endpoint *ep, const struct broker_options *opt,
                            const struct broker_handlers *h, void *arg, char *err, size_t errlen)
 {
@@ -356,6 +403,7 @@ struct broker *broker_open(const struct broker_endpoint *ep, const struct broker
         abort();
     b->h = *h;
     b->arg = arg;
+    b->ep = ep;
     b->visibility_timeout = opt->visibility_timeout;
     b->main.log = b->wake.log = opt->log;
     b->nqueues = opt->nqueues;
@@ -374,17 +422,10 @@ struct broker *broker_open(const struct broker_endpoint *ep, const struct broker
     snprintf(b->tag_prefix, sizeof b->tag_prefix, "celeriac-%lx-%lx-", (unsigned long)getpid(),
              (unsigned long)time(NULL));
 
-    if (rconn_open(&b->main, "broker", ep, 5000) < 0) {
+    if (connect_broker(b, 5000) < 0) {
         snprintf(err, errlen, "%s", b->main.errstr);
         goto fail;
     }
-    if (load_script(b, pop_script, b->pop_sha) < 0 || load_script(b, restore_script, b->restore_sha) < 0 ||
-        load_script(b, unlock_script, b->unlock_sha) < 0) {
-        snprintf(err, errlen, "%s", b->errstr);
-        goto fail;
-    }
-    setup_tracking(b, ep);
-    b->maybe_ready = true;
     double now = now_epoch();
     b->next_poll = now + POLL_FALLBACK_S;
     if (broker_restore_visible(b, now) < 0) {
@@ -401,6 +442,7 @@ void broker_close(struct broker *b)
 {
     if (!b)
         return;
+    b->ep = NULL; /* closing for good: batches still in flight are freed, not queued again */
     rconn_close(&b->main);
     rconn_close(&b->wake);
     free(b->main.q);
@@ -466,8 +508,10 @@ broken:
 
 int broker_process(struct broker *b, const struct pollfd *fds, int n)
 {
-    if (process_conn(b, &b->main, fds, n) < 0)
-        return -1;
+    if (rconn_connected(&b->main) && process_conn(b, &b->main, fds, n) < 0) {
+        lost(b, b->errstr);
+        return 0;
+    }
     if (rconn_connected(&b->wake) && process_conn(b, &b->wake, fds, n) < 0) {
         /* Losing the wake-up channel only costs latency: fall back to polling. */
         rconn_log(&b->main, BROKER_LOG_WARNING, "%s; polling the queues instead", b->errstr);
@@ -477,14 +521,48 @@ int broker_process(struct broker *b, const struct pollfd *fds, int n)
     return 0;
 }
 
+struct ack_batch {
+    struct broker *b;
+    char **tags; /* owned */
+    size_t n;
+};
+
+static void push_ack(struct broker *b, char *tag)
+{
+    if (b->nacks == b->cap_acks) {
+        b->cap_acks = b->cap_acks ? b->cap_acks * 2 : 256;
+        b->acks = realloc(b->acks, b->cap_acks * sizeof *b->acks);
+        if (!b->acks)
+            abort();
+    }
+    b->acks[b->nacks++] = tag;
+}
+
+/* The HDEL's reply settles the batch; without one (connection lost) the tags are acked again later. */
+static void on_acked(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)c;
+    (void)steal;
+    struct ack_batch *batch = arg;
+    for (size_t i = 0; i < batch->n; i++) {
+        if (r || !batch->b->ep)
+            free(batch->tags[i]);
+        else
+            push_ack(batch->b, batch->tags[i]);
+    }
+    free(batch->tags);
+    free(batch);
+}
+
 static void send_acks(struct broker *b)
 {
-    if (!b->nacks)
+    if (!b->nacks || !rconn_connected(&b->main))
         return;
     size_t argc = b->nacks + 2;
     const char **argv = malloc(argc * sizeof *argv);
     size_t *lens = malloc(argc * sizeof *lens);
-    if (!argv || !lens)
+    struct ack_batch *batch = malloc(sizeof *batch);
+    if (!argv || !lens || !batch)
         abort();
     for (size_t i = 0; i < b->nacks; i++) {
         argv[i + 2] = b->acks[i];
@@ -493,10 +571,10 @@ static void send_acks(struct broker *b)
     argv[0] = "ZREM", lens[0] = 4, argv[1] = "unacked_index", lens[1] = 13;
     rconn_command_argv(&b->main, NULL, NULL, (int)argc, argv, lens);
     argv[0] = "HDEL", lens[0] = 4, argv[1] = "unacked", lens[1] = 7;
-    rconn_command_argv(&b->main, NULL, NULL, (int)argc, argv, lens);
-    for (size_t i = 0; i < b->nacks; i++)
-        free(b->acks[i]);
-    b->nacks = 0;
+    *batch = (struct ack_batch){b, b->acks, b->nacks};
+    b->acks = NULL;
+    b->nacks = b->cap_acks = 0;
+    rconn_command_argv(&b->main, on_acked, batch, (int)argc, argv, lens);
     free(argv);
     free(lens);
 }
@@ -504,16 +582,29 @@ static void send_acks(struct broker *b)
 int broker_flush(struct broker *b)
 {
     send_acks(b);
-    if (rconn_connected(&b->main) && rconn_flush(&b->main) < 0) {
-        snprintf(b->errstr, sizeof b->errstr, "%s", b->main.errstr);
-        rconn_close(&b->main);
-        return -1;
-    }
-    return rconn_connected(&b->main) ? 0 : -1;
+    if (rconn_connected(&b->main) && rconn_flush(&b->main) < 0)
+        lost(b, b->main.errstr);
+    return 0;
 }
 
 void broker_tick(struct broker *b, double now)
 {
+    if (!rconn_connected(&b->main)) {
+        if (now < b->next_reconnect)
+            return;
+        if (connect_broker(b, 1000) == 0) {
+            rconn_log(&b->main, BROKER_LOG_WARNING, "consumer: Reconnected to %s; consuming again", b->ep->display);
+            broker_restore_visible(b, now);
+            return;
+        }
+        b->backoff = b->backoff < BACKOFF_MIN ? BACKOFF_MIN : b->backoff * 2;
+        if (b->backoff > BACKOFF_MAX)
+            b->backoff = BACKOFF_MAX;
+        rconn_log(&b->main, BROKER_LOG_ERROR, "consumer: Cannot connect to %s: %s. Trying again in %.2f seconds...",
+                  b->ep->display, b->main.errstr, b->backoff);
+        b->next_reconnect = now + b->backoff;
+        return;
+    }
     if (now >= b->next_poll) {
         /* With tracking this is only a safety net against a lost invalidation; without it, the poll. */
         b->maybe_ready = true;
@@ -526,6 +617,8 @@ void broker_tick(struct broker *b, double now)
 int broker_next_tick_ms(const struct broker *b, double now)
 {
     double next = b->next_poll < b->next_restore ? b->next_poll : b->next_restore;
+    if (!rconn_connected(&b->main))
+        next = b->next_reconnect;
     double ms = (next - now) * 1000.0;
     return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms + 1;
 }
@@ -656,13 +749,7 @@ void broker_ack(struct broker *b, const char *tag)
 {
     if (!tagset_remove(&b->held, tag))
         return; /* requeued or acked already: acking twice would be harmless, but it is a bug upstream */
-    if (b->nacks == b->cap_acks) {
-        b->cap_acks = b->cap_acks ? b->cap_acks * 2 : 256;
-        b->acks = realloc(b->acks, b->cap_acks * sizeof *b->acks);
-        if (!b->acks)
-            abort();
-    }
-    b->acks[b->nacks++] = strdup(tag);
+    push_ack(b, strdup(tag));
 }
 
 /* The message with headers.redelivered and properties.delivery_info.redelivered set, as kombu restores it.
@@ -816,6 +903,8 @@ int broker_restore_visible(struct broker *b, double now)
 {
     double period = b->visibility_timeout < 60 ? b->visibility_timeout : 60;
     b->next_restore = now + (period < 1 ? 1 : period);
+    if (!rconn_connected(&b->main))
+        return 0;
     if (!rconn_connected(&b->main))
         return -1;
     char token[64];

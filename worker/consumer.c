@@ -236,7 +236,7 @@ static void fail_job(struct consumer *c, struct job *j, const char *exc_type, co
                      bool with_traceback)
 {
     struct buf doc = {0};
-    if (j->req.id.s && !j->req.ignore_result) {
+    if (j->req.id.s) { /* even with ignore_result: see fail_doc in executor.c */
         struct buf tb = {0};
         if (with_traceback)
             result_traceback(&tb, j->req.task.s ? j->req.task.s : "?", exc_type, message);
@@ -529,14 +529,9 @@ int consumer_run(const struct config *cfg)
             budget -= ask;
         }
         pool_flush(c->pool);
-        if (broker_flush(c->broker) < 0) {
-            log_critical("Lost the broker connection: %s", broker_errstr(c->broker));
-            goto out;
-        }
-        if (c->backend && backend_flush(c->backend) < 0) {
-            log_critical("Lost the result backend connection: %s", backend_errstr(c->backend));
-            goto out;
-        }
+        broker_flush(c->broker);
+        if (c->backend)
+            backend_flush(c->backend);
         log_flush();
 
         struct pollfd fds[8 + 256];
@@ -555,6 +550,10 @@ int consumer_run(const struct config *cfg)
 
         double now = epoch_now();
         int timeout = broker_next_tick_ms(c->broker, now);
+        if (c->backend) {
+            int bt = backend_next_tick_ms(c->backend, now);
+            timeout = bt < timeout ? bt : timeout;
+        }
         int n = poll(fds, (nfds_t)nfds, timeout);
         if (n < 0 && errno != EINTR) {
             log_critical("poll: %s", strerror(errno));
@@ -567,16 +566,14 @@ int consumer_run(const struct config *cfg)
         }
         if (n > 0) {
             pool_process(c->pool, fds + pfirst, pcount);
-            if (broker_process(c->broker, fds + bfirst, bcount) < 0) {
-                log_critical("Lost the broker connection: %s", broker_errstr(c->broker));
-                goto out;
-            }
-            if (c->backend && backend_process(c->backend, fds + befirst, becount) < 0) {
-                log_critical("Lost the result backend connection: %s", backend_errstr(c->backend));
-                goto out;
-            }
+            broker_process(c->broker, fds + bfirst, bcount);
+            if (c->backend)
+                backend_process(c->backend, fds + befirst, becount);
         }
-        broker_tick(c->broker, epoch_now());
+        now = epoch_now();
+        broker_tick(c->broker, now);
+        if (c->backend)
+            backend_tick(c->backend, now);
     }
 
     if (c->cold) {

@@ -111,7 +111,9 @@ fail:
 static void fail_doc(struct buf *doc, struct buf *summary, const struct msg_request *req, const char *exc_type,
                      const char *message)
 {
-    if (req->id.s && !req->ignore_result) {
+    /* Stored even with ignore_result, as stock Celery does: that flag only skips SUCCESS (mark_as_failure
+     * does not look at it), so a client waiting on the task still learns that it failed. */
+    if (req->id.s) {
         struct buf tb = {0};
         result_traceback(&tb, req->task.s ? req->task.s : "?", exc_type, message);
         struct result_meta meta = {req->id.s, req->group.s, req->parent_id.s};
