@@ -207,7 +207,7 @@ struct broker {
     size_t *tracking_lens;
     int tracking_argc;
     char tracking_id[32];
-    double next_poll, next_restore;
+    double next_poll, next_restore, next_refresh;
 
     struct tagset held;      /* tags delivered and not yet acked or requeued */
     char **acks;             /* tags to ack at the next flush (owned) */
@@ -587,6 +587,39 @@ int broker_flush(struct broker *b)
     return 0;
 }
 
+/* Messages this worker still holds (reserved, or running with late ack) get a fresh unacked_index score
+ * well within every visibility timeout, so no kombu consumer restores them while we are alive and a long
+ * task is not run twice (celery #2599, kombu #337). Once we die the scores age and they become restorable
+ * as usual. ZADD XX: a record acked meanwhile is not brought back. */
+static void refresh_held(struct broker *b, double now)
+{
+    double period = b->visibility_timeout / 4;
+    b->next_refresh = now + (period < 0.25 ? 0.25 : period > 30 ? 30 : period);
+    if (!b->held.live)
+        return;
+    size_t argc = 3 + 2 * b->held.live, a = 0;
+    const char **argv = malloc(argc * sizeof *argv);
+    size_t *lens = malloc(argc * sizeof *lens);
+    if (!argv || !lens)
+        abort();
+    char score[32];
+    snprintf(score, sizeof score, "%.6f", now);
+    argv[a++] = "ZADD";
+    argv[a++] = "unacked_index";
+    argv[a++] = "XX";
+    for (size_t i = 0; i < b->held.cap && a + 2 <= argc; i++) {
+        if (!b->held.slots[i] || b->held.slots[i] == TOMBSTONE)
+            continue;
+        argv[a++] = score;
+        argv[a++] = b->held.slots[i];
+    }
+    for (size_t i = 0; i < a; i++)
+        lens[i] = strlen(argv[i]);
+    rconn_command_argv(&b->main, NULL, NULL, (int)a, argv, lens);
+    free(argv);
+    free(lens);
+}
+
 void broker_tick(struct broker *b, double now)
 {
     if (!rconn_connected(&b->main)) {
@@ -610,6 +643,8 @@ void broker_tick(struct broker *b, double now)
         b->maybe_ready = true;
         b->next_poll = now + (b->tracking ? 1.0 : POLL_FALLBACK_S);
     }
+    if (now >= b->next_refresh)
+        refresh_held(b, now);
     if (now >= b->next_restore)
         broker_restore_visible(b, now);
 }
@@ -617,6 +652,8 @@ void broker_tick(struct broker *b, double now)
 int broker_next_tick_ms(const struct broker *b, double now)
 {
     double next = b->next_poll < b->next_restore ? b->next_poll : b->next_restore;
+    if (b->next_refresh < next)
+        next = b->next_refresh;
     if (!rconn_connected(&b->main))
         next = b->next_reconnect;
     double ms = (next - now) * 1000.0;
