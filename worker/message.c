@@ -622,7 +622,8 @@ static int skip_value(struct scan *sc, int depth)
 /* Field tables: which members of which object go where */
 
 enum fkind {
-    FK_STR,       /* string or null -> struct msg_str at off */
+    FK_STR,       /* string or null -> struct msg_str at off; no NUL inside (names and ids) */
+    FK_TEXT,      /* same, NULs allowed: display text such as argsrepr, which repr() may leave them in */
     FK_LLONG,     /* integer or null -> long long at off (has_off: bool set when present) */
     FK_INT,       /* integer or null -> int at off, clamped */
     FK_BOOL,      /* boolean or null -> bool at off */
@@ -681,8 +682,8 @@ static const struct field header_fields[] = {
     F_NONE("timelimit", FK_TIMELIMIT),
     F("root_id", FK_STR, root_id),
     F("parent_id", FK_STR, parent_id),
-    F("argsrepr", FK_STR, argsrepr),
-    F("kwargsrepr", FK_STR, kwargsrepr),
+    F("argsrepr", FK_TEXT, argsrepr),
+    F("kwargsrepr", FK_TEXT, kwargsrepr),
     F("origin", FK_STR, origin),
     F("ignore_result", FK_BOOL, ignore_result),
     F("redelivered", FK_BOOL_OR, redelivered),
@@ -773,7 +774,7 @@ static int take_str(struct scan *sc, struct msg_request *r, const struct ftable 
     size_t n = sp.len;
     if (sp.escaped) {
         n = str_unescape(sp.raw, sp.len, d);
-        if (memchr(d, '\0', n)) {
+        if (f->kind == FK_STR && memchr(d, '\0', n)) {
             /* A NUL would silently cut the name or id for every C string user downstream. */
             type_fail(sc, t->slot, t->label, f->name, "contains a NUL character");
             out->s = NULL;
@@ -835,6 +836,7 @@ static int take_field(struct scan *sc, struct msg_request *r, const struct ftabl
     const char *why = NULL;
     switch ((enum fkind)f->kind) {
     case FK_STR:
+    case FK_TEXT:
         if (jt == JT_STR)
             return take_str(sc, r, t, f, (struct msg_str *)(void *)(base + f->off));
         if (jt == JT_NULL) {

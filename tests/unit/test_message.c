@@ -164,7 +164,7 @@ static int run_case(const char *name)
     snprintf(path, sizeof path, DATA_DIR "/%s/message.json", name);
     char *raw = read_file(path, &len);
     snprintf(path, sizeof path, DATA_DIR "/%s/expected.json", name);
-    json_t *exp = json_load_file(path, 0, &jerr);
+    json_t *exp = json_load_file(path, JSON_ALLOW_NUL, &jerr);
     if (!raw || !exp) {
         mismatch(&c, "cannot read message.json or expected.json (%s)", exp ? "" : jerr.text);
         free(raw);
