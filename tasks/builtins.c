@@ -108,10 +108,24 @@ enum task_outcome task_builtin_echo(struct task_ctx *ctx, json_t *args, json_t *
     return succeed(ctx, result, obj);
 }
 
-/* The classic CPU benchmark: deliberately exponential, do not memoize. */
-static long long fib_naive(int n)
+/* The classic CPU benchmark: deliberately exponential, do not memoize. Large subtrees look at the soft time
+ * limit first (a fib(16) subtree is ~2,000 calls, so the check costs nothing measurable); -1 means "gave up". */
+static long long fib_naive(int n, const struct task_ctx *ctx)
 {
-    return n < 2 ? n : fib_naive(n - 1) + fib_naive(n - 2);
+    if (n < 2)
+        return n;
+    if (n >= 16 && task_soft_time_limit_exceeded(ctx))
+        return -1;
+    long long a = fib_naive(n - 1, ctx);
+    if (a < 0)
+        return -1;
+    long long b = fib_naive(n - 2, ctx);
+    return b < 0 ? -1 : a + b;
+}
+
+static enum task_outcome soft_limit_failure(struct task_ctx *ctx)
+{
+    return task_fail(ctx, "SoftTimeLimitExceeded", "soft time limit exceeded");
 }
 
 enum task_outcome task_builtin_fib(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
@@ -123,7 +137,10 @@ enum task_outcome task_builtin_fib(struct task_ctx *ctx, json_t *args, json_t *k
         return task_fail(ctx, "TypeError", "'%s' object cannot be interpreted as an integer", task_pytype(v));
     if (n < 0 || n > FIB_MAX)
         return task_fail(ctx, "ValueError", "fib() argument must be between 0 and %d, got %lld", FIB_MAX, n);
-    return succeed(ctx, result, json_integer(fib_naive((int)n)));
+    long long f = fib_naive((int)n, ctx);
+    if (f < 0)
+        return soft_limit_failure(ctx);
+    return succeed(ctx, result, json_integer(f));
 }
 
 enum task_outcome task_builtin_sleep_ms(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
@@ -146,9 +163,12 @@ enum task_outcome task_builtin_sleep_ms(struct task_ctx *ctx, json_t *args, json
     if (req.tv_nsec > 999999999)
         req.tv_nsec = 999999999;
     struct timespec rem;
-    /* A signal (the worker's SIGTERM flag handler, say) must not shorten the sleep the caller asked for. */
-    while (nanosleep(&req, &rem) < 0 && errno == EINTR)
+    /* A signal must not shorten the sleep the caller asked for, unless it is the soft time limit. */
+    while (nanosleep(&req, &rem) < 0 && errno == EINTR) {
+        if (task_soft_time_limit_exceeded(ctx))
+            return soft_limit_failure(ctx);
         req = rem;
+    }
     return succeed(ctx, result, json_incref(v));
 }
 

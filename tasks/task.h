@@ -11,6 +11,7 @@
 #define CELERIAC_TASK_H
 
 #include <jansson.h>
+#include <signal.h>
 #include <stdbool.h>
 
 struct redisContext;
@@ -35,6 +36,12 @@ struct task_ctx {
      * (or NULL with an error set through task_fail already); the context stays owned by the worker. */
     struct redisContext *(*redis)(struct task_ctx *ctx);
     void *host; /* the worker's private data for the services above */
+
+    /* Set (asynchronously, from a signal handler) once the task's soft time limit has passed. A long task
+     * polls it with task_soft_time_limit_exceeded and gives up with
+     * `return task_fail(ctx, "SoftTimeLimitExceeded", ...)`; the worker fails it that way anyway if it
+     * returns after the limit without noticing. NULL when the task has no soft limit. */
+    volatile sig_atomic_t *soft_limit_flag;
 };
 
 /* The bound-argument calling convention: `args` is an array holding one value per declared positional
@@ -54,6 +61,12 @@ struct task_def {
  * printf-formatted. */
 enum task_outcome task_fail(struct task_ctx *ctx, const char *exc_type, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Whether the soft time limit has passed: cheap enough to call in an inner loop. */
+static inline bool task_soft_time_limit_exceeded(const struct task_ctx *ctx)
+{
+    return ctx->soft_limit_flag && *ctx->soft_limit_flag;
+}
+
 /* Releases what task_fail stored, leaving the request fields alone. */
 void task_ctx_reset(struct task_ctx *ctx);
 

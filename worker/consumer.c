@@ -28,6 +28,7 @@ struct job {
     struct msg_request req;           /* decoded in the main process; owned */
     uint64_t seq;
     double cost;                      /* expected runtime when dispatched (seconds) */
+    double hard_limit;                /* seconds, 0: none (the message's timelimit, else --time-limit) */
     bool acked;
     bool requeued;
     struct job *next;                 /* in the ready list or in its child's list */
@@ -40,6 +41,7 @@ struct job_list {
 
 struct child_state {
     struct job_list jobs; /* sent to the child, in the order it runs them */
+    uint64_t killed_seq;  /* the task the child was killed for exceeding its hard time limit, else 0 */
     double backlog;       /* sum of the expected runtimes of those jobs */
 };
 
@@ -331,7 +333,29 @@ static void on_child_exit(void *arg, int child, int status)
     else
         snprintf(why, sizeof why, "exitcode %d", WEXITSTATUS(status));
     /* The first job was running when the child died; the ones behind it never started and go to another child. */
+    uint64_t killed_seq = c->children[child].killed_seq;
+    c->children[child].killed_seq = 0;
     struct job *running = list_pop(&lost);
+    if (running && running->seq == killed_seq) {
+        char label[256];
+        job_label(running, label, sizeof label);
+        log_error("Hard time limit (%gs) exceeded for %s", running->hard_limit, label);
+        log_error("Task handler raised error: TimeLimitExceeded(%g,) [%s]", running->hard_limit, label);
+        c->processed++;
+        struct buf doc = {0}, tb = {0};
+        char message[64];
+        snprintf(message, sizeof message, "TimeLimitExceeded(%g,)", running->hard_limit);
+        result_traceback(&tb, running->req.task.s, "TimeLimitExceeded", message);
+        json_t *args = json_pack("[f]", running->hard_limit);
+        struct result_meta meta = {running->req.id.s, running->req.group.s, running->req.parent_id.s};
+        if (running->req.id.s)
+            result_doc_exception_args(&doc, &meta, "FAILURE", "TimeLimitExceeded", args, tb.data, epoch_now());
+        json_decref(args);
+        store_doc(c, running, running->req.id.s, doc.data, doc.len);
+        buf_free(&doc);
+        buf_free(&tb);
+        running = NULL;
+    }
     if (running) {
         char label[256], message[160];
         job_label(running, label, sizeof label);
@@ -352,10 +376,41 @@ static void on_child_exit(void *arg, int child, int status)
         list_push(&back, j);
     c->ready = back;
     if (!c->stopping || c->ready.len) {
-        log_error("Process %s exited (%s); starting a new one", "pool child", why);
+        if (!killed_seq)
+            log_error("Process %s exited (%s); starting a new one", "pool child", why);
         if (pool_respawn(c->pool, child) < 0)
             log_critical("cannot restart pool process: %s", strerror(errno));
     }
+}
+
+/* ------------------------------------------------------------------ time limits */
+
+/* Kills the child of every task past its hard limit; on_child_exit then fails it with TimeLimitExceeded.
+ * Returns the milliseconds until the next limit could pass (for the poll timeout), or -1 when none runs. */
+static int enforce_time_limits(struct consumer *c)
+{
+    double now = pool_clock(), next = -1;
+    for (int i = 0; i < pool_size(c->pool); i++) {
+        struct child_state *cs = &c->children[i];
+        struct job *j = cs->jobs.head;
+        uint64_t seq;
+        double started;
+        if (!j || j->hard_limit <= 0 || cs->killed_seq || !pool_running(c->pool, i, &seq, &started) ||
+            seq != j->seq)
+            continue;
+        double left = started + j->hard_limit - now;
+        if (left <= 0) {
+            cs->killed_seq = seq;
+            pool_kill_child(c->pool, i);
+        } else if (next < 0 || left < next) {
+            next = left;
+        }
+    }
+    /* A task queued behind a running one starts later; look again soon rather than compute when. */
+    for (int i = 0; i < pool_size(c->pool); i++)
+        if (c->children[i].jobs.head && c->children[i].jobs.head->hard_limit > 0 && (next < 0 || next > 0.05))
+            next = 0.05;
+    return next < 0 ? -1 : (int)(next * 1000) + 1;
 }
 
 /* ------------------------------------------------------------------ dispatch */
@@ -378,6 +433,7 @@ static void dispatch(struct consumer *c)
             break; /* every child has enough to do; the rest waits here, where it can still be requeued */
         list_pop(&c->ready);
         j->cost = cost;
+        j->hard_limit = j->req.has_time_limit ? j->req.time_limit : c->cfg->time_limit;
         cs->backlog += cost;
         pool_submit(c->pool, best, j->seq, j->delivery->raw, j->delivery->len);
         list_push(&cs->jobs, j);
@@ -472,7 +528,7 @@ int consumer_run(const struct config *cfg)
     install_signals();
     /* Fork the pool first: no connection may cross a fork. */
     c->children = calloc((size_t)cfg->concurrency, sizeof *c->children);
-    struct pool_options popt = {cfg->concurrency, cfg->node_name, &c->broker_ep};
+    struct pool_options popt = {cfg->concurrency, cfg->soft_time_limit, cfg->node_name, &c->broker_ep};
     struct pool_handlers ph = {on_result, on_child_exit};
     c->pool = pool_start(&popt, &ph, c, err, sizeof err);
     if (!c->pool) {
@@ -554,6 +610,9 @@ int consumer_run(const struct config *cfg)
             int bt = backend_next_tick_ms(c->backend, now);
             timeout = bt < timeout ? bt : timeout;
         }
+        int limit_ms = enforce_time_limits(c);
+        if (limit_ms >= 0 && limit_ms < timeout)
+            timeout = limit_ms;
         int n = poll(fds, (nfds_t)nfds, timeout);
         if (n < 0 && errno != EINTR) {
             log_critical("poll: %s", strerror(errno));

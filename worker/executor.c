@@ -2,27 +2,47 @@
 #include "executor.h"
 
 #include <hiredis/hiredis.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <errno.h>
 #include <time.h>
 
 #include "message.h"
 #include "result.h"
 #include "task.h"
 
+/* Set by SIGALRM when the running task's soft time limit passes. A signal handler can only reach
+ * process-wide state, and a child runs one task at a time, so one flag per process is exact. */
+static volatile sig_atomic_t soft_limit_passed;
+
+static void on_soft_limit(int sig)
+{
+    (void)sig;
+    soft_limit_passed = 1;
+}
+
 struct executor {
+    double soft_time_limit;
     const char *hostname;
     const struct broker_endpoint *redis; /* NULL: tasks get no Redis */
     redisContext *conn;                  /* opened on first use, reopened after an error */
 };
 
-struct executor *executor_new(const char *hostname, const struct broker_endpoint *redis)
+struct executor *executor_new(const char *hostname, const struct broker_endpoint *redis, double soft_time_limit)
 {
     struct executor *ex = calloc(1, sizeof *ex);
     if (!ex)
         abort();
+    ex->soft_time_limit = soft_time_limit;
+    /* No SA_RESTART: a task blocked in a system call (sleep, read) must wake up to notice the limit. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_soft_limit;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
     ex->hostname = hostname;
     ex->redis = redis;
     return ex;
@@ -200,8 +220,28 @@ bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *
         .redis = task_redis,
         .host = ex,
     };
+    double soft = req.has_soft_time_limit ? req.soft_time_limit : ex->soft_time_limit;
+    if (soft > 0) {
+        soft_limit_passed = 0;
+        ctx.soft_limit_flag = &soft_limit_passed;
+        struct itimerval it = {{0, 0}, {(time_t)soft, (suseconds_t)((soft - (double)(time_t)soft) * 1e6)}};
+        if (!it.it_value.tv_sec && !it.it_value.tv_usec)
+            it.it_value.tv_usec = 1;
+        setitimer(ITIMER_REAL, &it, NULL);
+    }
     enum task_outcome outcome = task_invoke(task, &ctx, args, kwargs, &result);
     *runtime = monotonic() - t0;
+    if (soft > 0) {
+        struct itimerval off = {{0, 0}, {0, 0}};
+        setitimer(ITIMER_REAL, &off, NULL);
+        if (soft_limit_passed && outcome == TASK_SUCCESS) {
+            /* In Python the exception is raised inside the task at the limit; a native task that ran past it
+             * without looking fails the same way, so the outcome does not depend on how it is written. */
+            json_decref(result);
+            result = NULL;
+            outcome = task_fail(&ctx, "SoftTimeLimitExceeded", "soft time limit exceeded");
+        }
+    }
     if (outcome == TASK_SUCCESS) {
         failed = false;
         if (!req.ignore_result) {

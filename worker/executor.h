@@ -11,8 +11,9 @@
 
 struct executor;
 
-/* hostname and redis borrowed; they must outlive the executor. Free with executor_free. */
-struct executor *executor_new(const char *hostname, const struct broker_endpoint *redis);
+/* hostname and redis borrowed; they must outlive the executor. soft_time_limit: seconds, for messages that
+ * set none (0: none). Free with executor_free. */
+struct executor *executor_new(const char *hostname, const struct broker_endpoint *redis, double soft_time_limit);
 void executor_free(struct executor *ex);
 
 /* Decodes and runs raw[0..len). Appends to doc the result document to store (nothing when the request has

@@ -8,8 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "buf.h"
@@ -31,8 +33,16 @@ struct child {
     char name[32];    /* "ForkPoolWorker-N", N counting every child ever started, as Celery does */
 };
 
+/* One per child, in memory shared with it: the child stamps the task it starts, so the main process can
+ * enforce hard time limits without asking. Written only by the child, read only by the main process. */
+struct pool_slot {
+    uint64_t seq;   /* the task running now, 0 between tasks */
+    double started; /* when it started, pool_clock() seconds */
+};
+
 struct pool {
     struct pool_options opt;
+    struct pool_slot *slots; /* shared mapping, one per child */
     struct pool_handlers h;
     void *arg;
     struct child *children;
@@ -64,6 +74,13 @@ static uint64_t get_u64(const char *p)
 }
 
 
+double pool_clock(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 static int write_all(int fd, const char *p, size_t len)
 {
     while (len) {
@@ -80,9 +97,9 @@ static int write_all(int fd, const char *p, size_t len)
 
 /* ------------------------------------------------------------------ child side */
 
-static void child_loop(int fd, const struct pool_options *opt)
+static void child_loop(int fd, const struct pool_options *opt, struct pool_slot *slot)
 {
-    struct executor *ex = executor_new(opt->hostname, opt->redis);
+    struct executor *ex = executor_new(opt->hostname, opt->redis, opt->soft_time_limit);
     struct buf in = {0}, out = {0}, doc = {0}, summary = {0};
     for (;;) {
         buf_reserve(&in, 1 << 16);
@@ -105,7 +122,11 @@ static void child_loop(int fd, const struct pool_options *opt)
             buf_reset(&doc);
             buf_reset(&summary);
             double runtime = 0;
+            double now = pool_clock();
+            __atomic_store(&slot->started, &now, __ATOMIC_RELAXED);
+            __atomic_store_n(&slot->seq, seq, __ATOMIC_RELEASE);
             bool failed = executor_run(ex, frame + 9, flen - 9, &doc, &summary, &runtime);
+            __atomic_store_n(&slot->seq, 0, __ATOMIC_RELEASE);
             put_u32(&out, (uint32_t)(1 + 8 + 1 + 8 + 4 + doc.len + summary.len));
             buf_append_char(&out, FRAME_RESULT);
             put_u64(&out, seq);
@@ -171,12 +192,13 @@ static int spawn(struct pool *p, int i)
         static char name[32]; /* the log module keeps a pointer to it for the life of the process */
         snprintf(name, sizeof name, "ForkPoolWorker-%d", index);
         log_set_process(name);
-        child_loop(sv[1], &p->opt);
+        child_loop(sv[1], &p->opt, &p->slots[i]);
         _exit(0);
     }
     close(sv[1]);
     c->pid = pid;
     c->fd = sv[0];
+    p->slots[i].seq = 0;
     snprintf(c->name, sizeof c->name, "ForkPoolWorker-%d", index);
     buf_reset(&c->out);
     buf_reset(&c->in);
@@ -194,6 +216,10 @@ struct pool *pool_start(const struct pool_options *opt, const struct pool_handle
     p->arg = arg;
     p->children = calloc((size_t)opt->concurrency, sizeof *p->children);
     if (!p->children)
+        abort();
+    p->slots = mmap(NULL, (size_t)opt->concurrency * sizeof *p->slots, PROT_READ | PROT_WRITE,
+                    MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p->slots == MAP_FAILED)
         abort();
     for (int i = 0; i < opt->concurrency; i++)
         p->children[i].fd = -1;
@@ -367,10 +393,28 @@ void pool_kill(struct pool *p)
     }
 }
 
+bool pool_running(const struct pool *p, int child, uint64_t *seq, double *started)
+{
+    struct pool_slot *slot = &p->slots[child];
+    uint64_t s = __atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE);
+    if (!s || p->children[child].fd < 0)
+        return false;
+    *seq = s;
+    __atomic_load(&slot->started, started, __ATOMIC_RELAXED);
+    return true;
+}
+
+void pool_kill_child(struct pool *p, int child)
+{
+    if (p->children[child].fd >= 0)
+        kill(p->children[child].pid, SIGKILL);
+}
+
 void pool_free(struct pool *p)
 {
     if (!p)
         return;
+    munmap(p->slots, (size_t)p->opt.concurrency * sizeof *p->slots);
     for (int i = 0; i < p->opt.concurrency; i++) {
         buf_free(&p->children[i].out);
         buf_free(&p->children[i].in);

@@ -38,6 +38,7 @@ struct pool_handlers {
 
 struct pool_options {
     int concurrency;
+    double soft_time_limit;              /* default soft limit for tasks whose message sets none; 0: none */
     const char *hostname;                /* borrowed: the node name tasks see */
     const struct broker_endpoint *redis; /* borrowed: what native.incr talks to; NULL: no Redis for tasks */
 };
@@ -52,6 +53,13 @@ void pool_submit(struct pool *p, int child, uint64_t seq, const char *raw, size_
 int pool_pollfds(struct pool *p, struct pollfd *fds, int max);
 void pool_process(struct pool *p, const struct pollfd *fds, int n);
 void pool_flush(struct pool *p);
+/* What a child is running now, from memory it shares with the main process (no syscall): true and the
+ * task's seq and start time (CLOCK_MONOTONIC seconds) while it runs one, false between tasks. */
+bool pool_running(const struct pool *p, int child, uint64_t *seq, double *started);
+/* Kills one child at once (a hard time limit); on_child_exit follows from pool_process. */
+void pool_kill_child(struct pool *p, int child);
+/* CLOCK_MONOTONIC in seconds: the clock pool_running's start times use. */
+double pool_clock(void);
 /* Replaces a child that exited (after on_child_exit). */
 int pool_respawn(struct pool *p, int child);
 /* Asks every child to finish and exit, waits for them. */
