@@ -12,7 +12,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <unistd.h>
 #include <time.h>
 
 #define FIB_MAX 92 /* fib(92) is the largest Fibonacci number that fits in int64 */
@@ -295,4 +297,24 @@ enum task_outcome task_builtin_incr(struct task_ctx *ctx, json_t *args, json_t *
         out = task_fail(ctx, "ResponseError", "unexpected reply type %d to INCR", reply->type);
     freeReplyObject(reply);
     return out;
+}
+
+enum task_outcome task_builtin_crash(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
+{
+    (void)kwargs;
+    (void)result;
+    const char *how = json_string_value(json_array_get(args, 0));
+    if (!how)
+        return task_fail(ctx, "TypeError", "crash() argument must be a str");
+    if (strcmp(how, "segfault") == 0) {
+        /* The default action, so that a sanitizer's own SIGSEGV handler cannot turn it into an exit code. */
+        signal(SIGSEGV, SIG_DFL);
+        raise(SIGSEGV);
+    } else if (strcmp(how, "abort") == 0) {
+        signal(SIGABRT, SIG_DFL);
+        abort();
+    } else if (strcmp(how, "exit") == 0) {
+        _exit(3);
+    }
+    return task_fail(ctx, "ValueError", "crash() argument must be 'segfault', 'abort' or 'exit', not '%s'", how);
 }

@@ -18,6 +18,20 @@ static const struct task_def registry[] = {
 
 #define REGISTRY_SIZE (sizeof registry / sizeof registry[0])
 
+/* Tasks that break things on purpose, for testing isolation; only with `--enable-test-tasks`. */
+static const struct task_def test_tasks[] = {
+    {"native.crash", task_builtin_crash, "how", "kills its own process: 'segfault', 'abort' or 'exit'"},
+};
+
+/* Whether test_tasks are registered. Process-wide because the registry is: set once at start-up, before
+ * the pool forks, and only read afterwards. */
+static bool test_tasks_enabled;
+
+void task_registry_enable_test_tasks(bool enabled)
+{
+    test_tasks_enabled = enabled;
+}
+
 static int compare_name(const void *key, const void *elem)
 {
     return strcmp(key, ((const struct task_def *)elem)->name);
@@ -27,11 +41,17 @@ const struct task_def *task_registry_find(const char *name)
 {
     if (!name)
         return NULL;
-    return bsearch(name, registry, REGISTRY_SIZE, sizeof registry[0], compare_name);
+    const struct task_def *t = bsearch(name, registry, REGISTRY_SIZE, sizeof registry[0], compare_name);
+    for (size_t i = 0; !t && test_tasks_enabled && i < sizeof test_tasks / sizeof test_tasks[0]; i++)
+        if (strcmp(test_tasks[i].name, name) == 0)
+            t = &test_tasks[i];
+    return t;
 }
 
 void task_registry_each(void (*fn)(const struct task_def *task, void *arg), void *arg)
 {
     for (size_t i = 0; i < REGISTRY_SIZE; i++)
         fn(&registry[i], arg);
+    for (size_t i = 0; test_tasks_enabled && i < sizeof test_tasks / sizeof test_tasks[0]; i++)
+        fn(&test_tasks[i], arg);
 }

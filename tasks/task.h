@@ -113,5 +113,9 @@ enum task_outcome task_builtin_sleep_ms(struct task_ctx *ctx, json_t *args, json
 enum task_outcome task_builtin_fail(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
 enum task_outcome task_builtin_xsum(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
 enum task_outcome task_builtin_incr(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_crash(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+
+/* Registers native.crash (off by default: `celeriac worker --enable-test-tasks`). Call before forking. */
+void task_registry_enable_test_tasks(bool enabled);
 
 #endif

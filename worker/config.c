@@ -61,6 +61,8 @@ static const struct option_spec options[] = {
      "where results are stored (same URL forms) [default: none, results are not stored]"},
     {"visibility-timeout", 0, OPT_DOUBLE, FIELD(visibility_timeout), NULL, "3600", "SECONDS",
      "seconds before an unacknowledged message is restored to its queue"},
+    {"enable-test-tasks", 0, OPT_BOOL, FIELD(enable_test_tasks), NULL, NULL, NULL,
+     "register native.crash, which kills its own process (for testing isolation)"},
     {"time-limit", 0, OPT_DOUBLE, FIELD(time_limit), NULL, NULL, "SECONDS",
      "hard time limit: a task running longer is killed, FAILURE TimeLimitExceeded [default: none]"},
     {"soft-time-limit", 0, OPT_DOUBLE, FIELD(soft_time_limit), NULL, NULL, "SECONDS",

@@ -52,6 +52,7 @@ struct config {
     char *broker_url;           /* -b/--broker, else $CELERY_BROKER_URL ["redis://127.0.0.1:6379/0"] */
     char *result_backend;       /* --result-backend, else $CELERY_RESULT_BACKEND [NULL: results not stored] */
     double visibility_timeout;  /* --visibility-timeout seconds [3600] */
+    bool enable_test_tasks;     /* --enable-test-tasks: native.crash */
     double time_limit;          /* --time-limit seconds, 0 = none; a message's timelimit header wins */
     double soft_time_limit;     /* --soft-time-limit seconds, 0 = none; likewise */
     long result_expires;        /* --result-expires seconds [86400]; 0 = never expire (SET instead of SETEX) */

@@ -359,11 +359,14 @@ static void on_child_exit(void *arg, int child, int status)
     if (running) {
         char label[256], message[160];
         job_label(running, label, sizeof label);
-        snprintf(message, sizeof message, "Worker exited prematurely: %s", why);
-        /* Celery's wording: SIGSEGV rather than SEGV */
+        /* billiard's wording, "signal 11 (SIGSEGV)" or "exitcode 3", with our sequence number as the job. */
         if (WIFSIGNALED(status))
-            snprintf(message, sizeof message, "Worker exited prematurely: signal %d (SIG%s)", WTERMSIG(status),
-                     sigabbrev_np(WTERMSIG(status)) ? sigabbrev_np(WTERMSIG(status)) : "?");
+            snprintf(message, sizeof message, "Worker exited prematurely: signal %d (SIG%s) Job: %llu.",
+                     WTERMSIG(status), sigabbrev_np(WTERMSIG(status)) ? sigabbrev_np(WTERMSIG(status)) : "?",
+                     (unsigned long long)running->seq);
+        else
+            snprintf(message, sizeof message, "Worker exited prematurely: exitcode %d Job: %llu.",
+                     WEXITSTATUS(status), (unsigned long long)running->seq);
         log_error("Task handler raised error: WorkerLostError('%s') [%s]", message, label);
         c->processed++;
         fail_job(c, running, "WorkerLostError", message, true);
@@ -526,6 +529,7 @@ int consumer_run(const struct config *cfg)
         goto fail_config;
 
     install_signals();
+    task_registry_enable_test_tasks(cfg->enable_test_tasks);
     /* Fork the pool first: no connection may cross a fork. */
     c->children = calloc((size_t)cfg->concurrency, sizeof *c->children);
     struct pool_options popt = {cfg->concurrency, cfg->soft_time_limit, cfg->node_name, &c->broker_ep};
