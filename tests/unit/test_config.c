@@ -66,6 +66,8 @@ static void test_defaults(void **state)
     assert_null(c.result_backend);
     assert_true(c.visibility_timeout == 3600.0);
     assert_int_equal(c.result_expires, 86400);
+    assert_true(c.time_limit == 0 && c.soft_time_limit == 0);
+    assert_false(c.enable_test_tasks);
     config_clear(&c);
     config_clear(&c); /* twice is safe */
 }
@@ -93,6 +95,21 @@ static void test_every_flag_long(void **state)
     assert_string_equal(c.result_backend, "redis://h:1/3");
     assert_true(c.visibility_timeout == 12.5);
     assert_int_equal(c.result_expires, 0);
+    config_clear(&c);
+}
+
+static void test_time_limits_and_test_tasks(void **state)
+{
+    (void)state;
+    struct config c;
+    assert_int_equal(PARSE(&c, "worker", "--time-limit", "30", "--soft-time-limit=2.5", "--enable-test-tasks"),
+                     CONFIG_RUN);
+    assert_true(c.time_limit == 30.0);
+    assert_true(c.soft_time_limit == 2.5);
+    assert_true(c.enable_test_tasks);
+    config_clear(&c);
+    assert_int_equal(PARSE(&c, "worker", "--time-limit", "-1"), CONFIG_ERROR);
+    assert_non_null(strstr(err, "--time-limit"));
     config_clear(&c);
 }
 
@@ -453,6 +470,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_defaults, clear_env),
         cmocka_unit_test_setup(test_every_flag_long, clear_env),
+        cmocka_unit_test_setup(test_time_limits_and_test_tasks, clear_env),
         cmocka_unit_test_setup(test_short_and_equals_forms, clear_env),
         cmocka_unit_test_setup(test_log_levels, clear_env),
         cmocka_unit_test_setup(test_zero_means_default, clear_env),
