@@ -245,6 +245,9 @@ def test_failure_is_logged_in_celerys_shape(app, shared_worker):
     res = app.send_task("native.fail", args=["boom 2"])
     exc_name_of(res)
     rx = re.compile(r"^" + LOG_PREFIX.replace("(INFO|WARNING|ERROR|DEBUG)", "ERROR") +
-                    r"Task native\.fail\[" + re.escape(res.id) + r"\] raised unexpected: ValueError\('boom 2'\)", re.M)
+                    r"Task native\.fail\[" + re.escape(res.id) + r"\] raised unexpected: ", re.M)
     shared_worker.wait_log(rx, TIMEOUT)
+    # Celery 5.2.6 on Python 3.11 prints "ExceptionWithTraceback()" there; the traceback that follows names
+    # the exception. Either way the type and the message must be in the log.
+    shared_worker.wait_log(re.compile(r"ValueError.*boom 2"), TIMEOUT)
 

@@ -1,0 +1,211 @@
+"""Never losing a message: warm shutdown, crash recovery through kombu's unacked records and visibility
+timeout, in both directions between celeriac and the stock Python worker (protocol doc sections 3.4, 3.5)."""
+
+import json
+import signal
+import time
+import uuid
+
+import pytest
+
+from conftest import close_client, make_client
+from servers import RedisServer
+from util import (TIMEOUT, broker_snapshot, queue_messages, result_doc, task_envelope, unacked,
+                  wait_unacked_older_than, wait_until)
+
+
+def wait_started(backend, task_id):
+    wait_until(lambda: (d := result_doc(backend, task_id)) and d["status"] == "STARTED",
+               what=f"task {task_id} STARTED")
+
+
+def wait_drained(broker):
+    wait_until(lambda: broker_snapshot(broker) == (0, 0) and broker.zcard("unacked_index") == 0,
+               what="queue drained and nothing left unacked")
+
+
+# -- warm shutdown ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_warm_shutdown_finishes_running_and_returns_prefetched(app, workers, broker, backend, sig):
+    running = app.send_task("native.sleep_ms", args=[1500])
+    later = [app.send_task("native.incr", args=["after"]) for _ in range(4)]
+    originals = {json.loads(m)["headers"]["id"]: json.loads(m) for m in broker.lrange("celery", 0, -1)}
+    w = workers.start("-c", "1", "--prefetch-multiplier", "2", "--track-started")
+    wait_started(backend, running.id)
+    held = wait_until(lambda: unacked(broker), what="a prefetched message held in unacked")
+    assert w.stop(sig, TIMEOUT) == 0, f"exit code after {sig!s}"
+
+    # The running task finished and its result is stored.
+    doc = result_doc(backend, running.id)
+    assert doc["status"] == "SUCCESS" and doc["result"] == 1500
+    # Nothing else ran; the four others are all back on the queue and nothing is left unacked.
+    assert broker.get("after") is None
+    assert broker_snapshot(broker) == (4, 0)
+    assert broker.zcard("unacked_index") == 0
+    back = queue_messages(broker)
+    assert sorted(m["headers"]["id"] for m in back) == sorted(r.id for r in later)
+    for m in back:
+        orig = originals[m["headers"]["id"]]
+        assert m["body"] == orig["body"]
+        assert m["properties"]["delivery_tag"] == orig["properties"]["delivery_tag"]
+        if m["properties"]["delivery_tag"] in held:  # restored ones carry kombu's redelivered marks
+            assert m["headers"].get("redelivered") is True
+            assert m["properties"]["delivery_info"].get("redelivered") is True
+    # And they are whole: a new worker runs each exactly once.
+    workers.start("-c", "1")
+    assert sorted(r.get(timeout=TIMEOUT) for r in later) == [1, 2, 3, 4]
+    wait_drained(broker)
+
+
+def test_warm_shutdown_when_idle(workers):
+    w = workers.start("-c", "2")
+    assert w.stop(signal.SIGTERM, TIMEOUT) == 0
+
+
+# -- crash recovery --------------------------------------------------------------------------------------
+
+def crash_holding_messages(app, broker, backend, start, kill, acks_late):
+    """Publishes sleep_ms(1200) + 3 x incr('crash'), starts a worker (-c 1, multiplier 2), waits until it runs
+    the sleep and holds prefetched messages in `unacked`, then kills it. Returns (sleep result, incr results,
+    tags left in unacked)."""
+    running = app.send_task("native.sleep_ms", args=[1200])
+    incrs = [app.send_task("native.incr", args=["crash"]) for _ in range(3)]
+    sleep_tag = json.loads(broker.lrange("celery", -1, -1)[0])["properties"]["delivery_tag"]
+    flags = ["-c", "1", "--prefetch-multiplier", "2", "--track-started"] + (["--acks-late"] if acks_late else [])
+    w = start(*flags)
+    wait_started(backend, running.id)
+    wait_until(lambda: any(t != sleep_tag for t in unacked(broker)), what="a prefetched message in unacked")
+    held = set(unacked(broker))
+    kill(w)
+    assert set(unacked(broker)) >= held, "records disappeared when the worker was killed"
+    if acks_late:
+        assert sleep_tag in held, "acks-late: the running task must still be unacked"
+    return running, incrs, set(unacked(broker))
+
+
+@pytest.mark.parametrize("acks_late", [True, False], ids=["acks-late", "early-ack"])
+@pytest.mark.parametrize("restorer", ["python", "same"])
+def test_restore_after_a_killed_worker(app, workers, broker, backend, acks_late, restorer):
+    """(a) A SIGKILLed celeriac leaves kombu-format records that a stock Python worker (visibility_timeout 2)
+    restores and runs; and a second celeriac does the same ("same")."""
+    running, incrs, held = crash_holding_messages(app, broker, backend, workers.start, lambda w: w.kill(),
+                                                  acks_late)
+    assert broker.get("crash") is None
+    wait_unacked_older_than(broker, 2)
+    if restorer == "python":
+        workers.python("-c", "1", "--visibility-timeout", "2")
+    else:
+        workers.start("-c", "1", "--visibility-timeout", "2")
+    assert sorted(r.get(timeout=TIMEOUT) for r in incrs) == [1, 2, 3]
+    if acks_late:
+        assert running.get(timeout=TIMEOUT) == 1200
+    wait_drained(broker)
+    assert int(broker.get("crash")) == 3
+
+
+def test_celeriac_restores_what_a_killed_python_worker_left(app, workers, broker, backend):
+    """(b) A stock Python worker (acks_late) is killed with its children; celeriac first leaves the records
+    alone while they are younger than its visibility timeout, then with --visibility-timeout 2 restores and
+    runs them."""
+    running, incrs, held = crash_holding_messages(app, broker, backend, workers.python,
+                                                  lambda w: w.kill_group(), acks_late=True)
+    # Default visibility timeout (3600 s): the records are too young to restore.
+    w1 = workers.start("-c", "1")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    assert set(unacked(broker)) == held, "a 3600 s visibility timeout restored records a few seconds old"
+    assert running.state in ("STARTED", "PENDING")
+    assert workers.stop(w1) in (0, None)  # None: a stock worker that hung at shutdown (python mode only)
+    assert set(unacked(broker)) == held
+    # Now old enough for --visibility-timeout 2.
+    wait_unacked_older_than(broker, 2)
+    workers.start("-c", "1", "--visibility-timeout", "2")
+    assert sorted(r.get(timeout=TIMEOUT) for r in incrs) == [1, 2, 3]
+    assert running.get(timeout=TIMEOUT) == 1200
+    wait_drained(broker)
+
+
+def _plant_unacked(broker, env, age, queue="celery"):
+    """An unacked record exactly as kombu writes it (section 3.4), delivered `age` seconds ago."""
+    tag = env["properties"]["delivery_tag"]
+    broker.hset("unacked", tag, json.dumps([env, "", queue]))
+    broker.zadd("unacked_index", {tag: time.time() - age})
+    return tag
+
+
+def test_restore_puts_the_message_back_with_redelivered_marks(app, workers, broker):
+    env = task_envelope("native.incr", args=["planted"])
+    tag = _plant_unacked(broker, env, age=60)
+    # The worker consumes another queue, so the restored message stays where it can be inspected.
+    workers.start("-c", "1", "-Q", "elsewhere", "--visibility-timeout", "2")
+    assert app.send_task("native.noop", queue="elsewhere").get(timeout=TIMEOUT) is None
+    wait_until(lambda: broker.llen("celery") == 1, what="the restored message on queue celery")
+    [m] = queue_messages(broker)
+    assert m["headers"]["redelivered"] is True
+    assert m["properties"]["delivery_info"]["redelivered"] is True
+    assert m["properties"]["delivery_tag"] == tag
+    assert m["body"] == env["body"] and m["headers"]["id"] == env["headers"]["id"]
+    wait_until(lambda: not broker.hexists("unacked", tag) and broker.zscore("unacked_index", tag) is None,
+               what="the record removed")
+    wait_until(lambda: not broker.exists("unacked_mutex"), what="unacked_mutex released")
+    assert broker.get("planted") is None
+
+
+def test_young_records_are_not_restored(app, workers, broker):
+    env = task_envelope("native.incr", args=["young"])
+    tag = _plant_unacked(broker, env, age=0)
+    workers.start("-c", "1", "--visibility-timeout", "60")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    assert broker.hexists("unacked", tag) and broker.zscore("unacked_index", tag) is not None
+    assert broker.get("young") is None
+
+
+def test_restore_respects_the_unacked_mutex(app, workers, broker):
+    """Someone else holds unacked_mutex: no restore, and the mutex is left as it is."""
+    env = task_envelope("native.incr", args=["mutex"])
+    tag = _plant_unacked(broker, env, age=60)
+    token = "another-restorer-" + uuid.uuid4().hex
+    broker.set("unacked_mutex", token, px=300000)
+    workers.start("-c", "1", "--visibility-timeout", "2")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    assert broker.hexists("unacked", tag)
+    assert broker.get("unacked_mutex") == token.encode()
+    assert broker.get("mutex") is None
+
+
+def test_planted_record_is_restored_and_run_once(app, workers, broker):
+    env = task_envelope("native.incr", args=["planted-run"])
+    _plant_unacked(broker, env, age=60)
+    workers.start("-c", "1", "--visibility-timeout", "2")
+    assert app.AsyncResult(env["headers"]["id"]).get(timeout=TIMEOUT) == 1
+    wait_drained(broker)
+    assert broker.get("planted-run") == b"1"
+
+
+# -- the broker goes away ---------------------------------------------------------------------------------
+
+def test_worker_survives_a_redis_restart(workers):
+    rs = RedisServer()
+    rs.start()
+    try:
+        w = workers.start("-c", "1", broker_url=rs.url(0), backend_url=rs.url(1))
+        c1 = make_client(rs.url(0), rs.url(1))
+        try:
+            assert c1.send_task("native.add", args=[1, 2]).get(timeout=TIMEOUT) == 3
+        finally:
+            close_client(c1)
+        rs.restart()
+        c2 = make_client(rs.url(0), rs.url(1))
+        try:
+            assert c2.send_task("native.add", args=[2, 2]).get(timeout=2 * TIMEOUT) == 4
+        finally:
+            close_client(c2)
+        assert w.running()
+        # Stopped here, while its Redis is still up; the exit code must be 0 as at any warm shutdown
+        # (None: the stock worker hung in its pool shutdown and was killed; python mode only).
+        assert workers.stop(w) in (0, None)
+    finally:
+        for w in workers.workers:
+            if w.running():
+                w.stop()
+        rs.cleanup()
