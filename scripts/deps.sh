@@ -30,4 +30,4 @@ echo "celeriac: installing$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # policy-rc.d keeps the packaged redis-server service from starting on the default port: tests start their own.
-apt-get install -y -qq --no-install-recommends $missing >/dev/null
+apt-get install -y -qq $missing >/dev/null
