@@ -52,6 +52,9 @@ struct config {
     char *broker_url;           /* -b/--broker, else $CELERY_BROKER_URL ["redis://127.0.0.1:6379/0"] */
     char *result_backend;       /* --result-backend, else $CELERY_RESULT_BACKEND [NULL: results not stored] */
     double visibility_timeout;  /* --visibility-timeout seconds [3600] */
+    int max_tasks_per_child;    /* --max-tasks-per-child, 0 = unlimited */
+    int max_memory_per_child;   /* --max-memory-per-child KiB resident, 0 = unlimited (Celery's meaning) */
+    long max_message_size;      /* --max-message-size bytes [64 MiB] */
     bool enable_test_tasks;     /* --enable-test-tasks: native.crash */
     double time_limit;          /* --time-limit seconds, 0 = none; a message's timelimit header wins */
     double soft_time_limit;     /* --soft-time-limit seconds, 0 = none; likewise */

@@ -269,7 +269,7 @@ static void on_deliver(void *arg, struct broker_delivery *d)
         return;
     }
     char err[256] = "";
-    int rc = msg_decode(d->raw, d->len, 0, &j->req, err, sizeof err);
+    int rc = msg_decode(d->raw, d->len, (size_t)c->cfg->max_message_size, &j->req, err, sizeof err);
     if (rc != MSG_OK) {
         size_t show = d->len < 512 ? d->len : 512;
         log_error("Received invalid message%s%s: %s; message (%zu bytes): %.*s", j->req.id.s ? " for task " : "",
@@ -332,10 +332,12 @@ static void on_child_exit(void *arg, int child, int status)
                  sigabbrev_np(WTERMSIG(status)) : "?");
     else
         snprintf(why, sizeof why, "exitcode %d", WEXITSTATUS(status));
-    /* The first job was running when the child died; the ones behind it never started and go to another child. */
-    uint64_t killed_seq = c->children[child].killed_seq;
+    uint64_t killed_seq = c->children[child].killed_seq, running_seq = 0;
     c->children[child].killed_seq = 0;
-    struct job *running = list_pop(&lost);
+    /* Only the job the child had started is lost with it; the ones behind it go to another child. */
+    struct job *running = NULL;
+    if (pool_died_running(c->pool, child, &running_seq) && lost.head && lost.head->seq == running_seq)
+        running = list_pop(&lost);
     if (running && running->seq == killed_seq) {
         char label[256];
         job_label(running, label, sizeof label);
@@ -379,8 +381,11 @@ static void on_child_exit(void *arg, int child, int status)
         list_push(&back, j);
     c->ready = back;
     if (!c->stopping || c->ready.len) {
-        if (!killed_seq)
-            log_error("Process %s exited (%s); starting a new one", "pool child", why);
+        if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+            log_info("Pool process %d retired (task or memory limit); starting a new one",
+                     (int)pool_child_pid(c->pool, child));
+        else if (!killed_seq)
+            log_error("Pool process %d exited (%s); starting a new one", (int)pool_child_pid(c->pool, child), why);
         if (pool_respawn(c->pool, child) < 0)
             log_critical("cannot restart pool process: %s", strerror(errno));
     }
@@ -532,7 +537,8 @@ int consumer_run(const struct config *cfg)
     task_registry_enable_test_tasks(cfg->enable_test_tasks);
     /* Fork the pool first: no connection may cross a fork. */
     c->children = calloc((size_t)cfg->concurrency, sizeof *c->children);
-    struct pool_options popt = {cfg->concurrency, cfg->soft_time_limit, cfg->node_name, &c->broker_ep};
+    struct pool_options popt = {cfg->concurrency, cfg->soft_time_limit, cfg->max_tasks_per_child,
+                                cfg->max_memory_per_child, cfg->node_name, &c->broker_ep};
     struct pool_handlers ph = {on_result, on_child_exit};
     c->pool = pool_start(&popt, &ph, c, err, sizeof err);
     if (!c->pool) {

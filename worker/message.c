@@ -1120,11 +1120,10 @@ int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request 
 
     memset(out, 0, sizeof *out);
     msg[0] = '\0';
-    if (max_size && len > max_size) {
-        snprintf(msg, sizeof msg, "message of %zu bytes is over the limit of %zu bytes", len, max_size);
-        st = MSG_ERR_TOO_LARGE;
-        goto out;
-    }
+    /* An oversized message is still scanned (it is in memory already, and the scan is linear and copies
+     * only the small strings) so that its id is known and its sender gets a FAILURE; its body is never
+     * decoded. */
+    bool too_large = max_size && len > max_size;
     scan_init(&sc, raw, len, "");
 
     arena_reserve(out, len + 1); /* the one chunk every envelope string and the body fit in (see top) */
@@ -1141,12 +1140,19 @@ int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request 
         if (sc.p != sc.end)
             rc = json_fail(&sc, "unexpected data after the JSON value");
     }
-    if (rc < 0) {
+    if (rc < 0 || too_large) {
         if (sc.hdr_seen & (1u << HDR_IDX_TASK))
             out->protocol = 2;
+        else if (rc == 0)
+            clear_task_fields(out);
         id_fallback(out);
-        snprintf(msg, sizeof msg, "%s", sc.json_msg);
-        st = MSG_ERR_JSON;
+        if (too_large) {
+            snprintf(msg, sizeof msg, "message of %zu bytes is over the limit of %zu bytes", len, max_size);
+            st = MSG_ERR_TOO_LARGE;
+        } else {
+            snprintf(msg, sizeof msg, "%s", sc.json_msg);
+            st = MSG_ERR_JSON;
+        }
         goto out;
     }
 

@@ -24,7 +24,7 @@ enum msg_status {
     MSG_ERR_BODY_ENCODING = -3, /* body_encoding is base64 but the body is not valid base64, or unknown encoding */
     MSG_ERR_CONTENT_TYPE = -4,  /* content-type is not application/json (pickle, yaml, msgpack, ...) */
     MSG_ERR_UNKNOWN = -5,       /* neither protocol v2 (task header) nor v1 (body object with "task") */
-    MSG_ERR_TOO_LARGE = -6,     /* over the size limit given to msg_decode */
+    MSG_ERR_TOO_LARGE = -6,     /* over the size limit: the id is still read, the body is not decoded */
 };
 
 struct msg_request {

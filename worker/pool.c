@@ -97,8 +97,37 @@ static int write_all(int fd, const char *p, size_t len)
 
 /* ------------------------------------------------------------------ child side */
 
+/* Resident set size of this process in KiB, or 0 if unknown. */
+static long resident_kib(void)
+{
+    long pages = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f) {
+        if (fscanf(f, "%*s %ld", &pages) != 1)
+            pages = 0;
+        fclose(f);
+    }
+    return pages * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+/* Whether this child should retire after the task it just ran (Celery's max_tasks_per_child and
+ * max_memory_per_child); what it was given beyond it goes to its replacement. */
+static bool should_retire(const struct pool_options *opt, long done)
+{
+    if (opt->max_tasks_per_child > 0 && done >= opt->max_tasks_per_child)
+        return true;
+    if (opt->max_memory_per_child > 0 && resident_kib() > opt->max_memory_per_child) {
+        log_warning("child process uses %ld KiB, more than --max-memory-per-child %d: replacing it", resident_kib(),
+                    opt->max_memory_per_child);
+        return true;
+    }
+    return false;
+}
+
 static void child_loop(int fd, const struct pool_options *opt, struct pool_slot *slot)
 {
+    long done = 0;
+    bool retire = false;
     struct executor *ex = executor_new(opt->hostname, opt->redis, opt->soft_time_limit);
     struct buf in = {0}, out = {0}, doc = {0}, summary = {0};
     for (;;) {
@@ -127,6 +156,7 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
             __atomic_store_n(&slot->seq, seq, __ATOMIC_RELEASE);
             bool failed = executor_run(ex, frame + 9, flen - 9, &doc, &summary, &runtime);
             __atomic_store_n(&slot->seq, 0, __ATOMIC_RELEASE);
+            retire = should_retire(opt, ++done);
             put_u32(&out, (uint32_t)(1 + 8 + 1 + 8 + 4 + doc.len + summary.len));
             buf_append_char(&out, FRAME_RESULT);
             put_u64(&out, seq);
@@ -135,11 +165,13 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
             put_u32(&out, (uint32_t)doc.len);
             buf_append(&out, doc.data ? doc.data : "", doc.len);
             buf_append(&out, summary.data ? summary.data : "", summary.len);
-            if (runtime > LONG_TASK_S || out.len > (1 << 20)) {
+            if (runtime > LONG_TASK_S || out.len > (1 << 20) || retire) {
                 if (write_all(fd, out.data, out.len) < 0)
                     goto done;
                 buf_reset(&out);
             }
+            if (retire)
+                goto done;
         }
         buf_consume(&in, off);
         if (out.len) {
@@ -391,6 +423,12 @@ void pool_kill(struct pool *p)
         close(c->fd);
         c->fd = -1;
     }
+}
+
+bool pool_died_running(const struct pool *p, int child, uint64_t *seq)
+{
+    *seq = __atomic_load_n(&p->slots[child].seq, __ATOMIC_ACQUIRE);
+    return *seq != 0;
 }
 
 bool pool_running(const struct pool *p, int child, uint64_t *seq, double *started)

@@ -39,6 +39,8 @@ struct pool_handlers {
 struct pool_options {
     int concurrency;
     double soft_time_limit;              /* default soft limit for tasks whose message sets none; 0: none */
+    int max_tasks_per_child;             /* a child exits (and is replaced) after this many tasks; 0: never */
+    int max_memory_per_child;            /* ... or once a task leaves it above this many KiB resident; 0: never */
     const char *hostname;                /* borrowed: the node name tasks see */
     const struct broker_endpoint *redis; /* borrowed: what native.incr talks to; NULL: no Redis for tasks */
 };
@@ -56,6 +58,9 @@ void pool_flush(struct pool *p);
 /* What a child is running now, from memory it shares with the main process (no syscall): true and the
  * task's seq and start time (CLOCK_MONOTONIC seconds) while it runs one, false between tasks. */
 bool pool_running(const struct pool *p, int child, uint64_t *seq, double *started);
+/* After on_child_exit: the task the child was running when it died (true, *seq), or false when it died
+ * between tasks (say, replaced after --max-tasks-per-child): nothing it was given had started. */
+bool pool_died_running(const struct pool *p, int child, uint64_t *seq);
 /* Kills one child at once (a hard time limit); on_child_exit follows from pool_process. */
 void pool_kill_child(struct pool *p, int child);
 /* CLOCK_MONOTONIC in seconds: the clock pool_running's start times use. */

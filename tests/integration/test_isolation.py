@@ -7,7 +7,7 @@ import time
 import pytest
 from kombu import Connection
 
-from util import TIMEOUT, exc_name_of, result_doc, unacked, wait_until
+from util import TIMEOUT, exc_name_of, push_raw, result_doc, task_envelope, unacked, wait_until
 
 pytestmark = pytest.mark.celeriac_only("native.crash, native time limits and score refreshing are celeriac's")
 
@@ -84,3 +84,24 @@ def test_long_acks_late_task_is_not_restored_while_celeriac_runs_it(app, workers
     time.sleep(0.5)
     assert len(re.findall(re.escape(f"native.sleep_ms[{res.id}] received"), w.log())) == 1
     assert broker.llen("celery") == 0
+
+
+@pytest.mark.parametrize("flag, value", [("--max-tasks-per-child", "5"), ("--max-memory-per-child", "1")])
+def test_pool_processes_are_replaced_without_losing_tasks(app, workers, flag, value):
+    """A retiring process finishes its task first; what was queued to it goes to its replacement."""
+    w = workers.start("-c", "2", flag, value)
+    results = [app.send_task("native.add", args=[i, 1]) for i in range(60)]
+    assert [r.get(timeout=TIMEOUT) for r in results] == [i + 1 for i in range(60)]
+    retired = len(re.findall(r"Pool process \d+ retired", w.log()))
+    assert retired >= (60 // 5 - 2 if flag == "--max-tasks-per-child" else 50)
+    assert "WorkerLostError" not in w.log()
+
+
+def test_oversized_message_is_refused_with_a_failure(app, workers, broker, backend):
+    workers.start("-c", "1", "--max-message-size", "4096")
+    env = task_envelope("native.echo", args=["x" * 10000])
+    push_raw(broker, env)
+    name, exc = exc_name_of(app.AsyncResult(env["headers"]["id"]))
+    assert name == "InvalidTaskError" and "4096" in str(exc)
+    assert result_doc(backend, env["headers"]["id"])["status"] == "FAILURE"
+    assert app.send_task("native.echo", args=["small"]).get(timeout=TIMEOUT) == {"args": ["small"], "kwargs": {}}
