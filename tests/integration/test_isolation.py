@@ -1,7 +1,9 @@
 """A bad task costs one FAILURE result and nothing else: crashes, hard and soft time limits, and long
 acks_late tasks that must not be run twice while celeriac holds them."""
 
+import os
 import re
+import signal
 import time
 
 import pytest
@@ -105,3 +107,25 @@ def test_oversized_message_is_refused_with_a_failure(app, workers, broker, backe
     assert name == "InvalidTaskError" and "4096" in str(exc)
     assert result_doc(backend, env["headers"]["id"])["status"] == "FAILURE"
     assert app.send_task("native.echo", args=["small"]).get(timeout=TIMEOUT) == {"args": ["small"], "kwargs": {}}
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGQUIT,)])
+def test_cold_shutdown_exits_at_once_and_loses_nothing(app, workers, broker, signals):
+    """A second SIGTERM, or SIGQUIT: exit now; the running acks_late task stays unacked, so a worker started
+    later restores it (after the visibility timeout) and runs it."""
+    w = workers.start("-c", "1", "--acks-late", "--visibility-timeout", "1")
+    res = app.send_task("native.sleep_ms", args=[4000])
+    w.wait_log(re.compile(re.escape(f"native.sleep_ms[{res.id}] received")), TIMEOUT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    for sig in signals:
+        os.kill(w.pid, sig)
+        time.sleep(0.1)
+    w.proc.wait(timeout=10)
+    assert time.monotonic() - started < 2  # not the 4 s the task still had to run
+    assert w.proc.returncode == 1
+    assert len(unacked(broker)) == 1
+    quick = app.send_task("native.add", args=[2, 2])
+    workers.start("-c", "1", "--visibility-timeout", "1")
+    assert quick.get(timeout=TIMEOUT) == 4
+    assert res.get(timeout=TIMEOUT) == 4000  # restored once older than the visibility timeout, then run
