@@ -37,6 +37,12 @@ struct broker_endpoint {
 typedef void (*broker_log_fn)(int level, const char *line);
 enum { BROKER_LOG_INFO = 20, BROKER_LOG_WARNING = 30, BROKER_LOG_ERROR = 40 };
 
+/* A blocking connection with AUTH and SELECT done, for code that talks to Redis synchronously (a pool child
+ * running native.incr). Returns the context (caller frees with redisFree) or NULL with err filled. */
+struct redisContext;
+struct redisContext *broker_connect_blocking(const struct broker_endpoint *ep, int timeout_ms, char *err,
+                                            size_t errlen);
+
 /* ---------------------------------------------------------------- transport */
 
 struct broker;

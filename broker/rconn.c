@@ -47,50 +47,62 @@ static struct rconn_pending queue_pop(struct rconn *c)
     return p;
 }
 
-static redisReply *blocking_call(redisContext *ctx, int argc, const char **argv, const size_t *lens)
+/* One step of the handshake: AUTH or SELECT. Returns 0, or -1 with err filled. */
+static int handshake(redisContext *ctx, int argc, const char **argv, const char *what,
+                     const struct broker_endpoint *ep, char *err, size_t errlen)
 {
-    return redisCommandArgv(ctx, argc, argv, lens);
+    size_t lens[3];
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    redisReply *r = redisCommandArgv(ctx, argc, argv, lens);
+    int rc = r && r->type != REDIS_REPLY_ERROR ? 0 : -1;
+    if (rc < 0)
+        snprintf(err, errlen, "%s on %s failed: %s", what, ep->display,
+                 r && r->type == REDIS_REPLY_ERROR ? r->str : ctx->errstr);
+    if (r)
+        freeReplyObject(r);
+    return rc;
+}
+
+redisContext *broker_connect_blocking(const struct broker_endpoint *ep, int timeout_ms, char *err, size_t errlen)
+{
+    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    redisContext *ctx = ep->socket ? redisConnectUnixWithTimeout(ep->socket, tv)
+                                   : redisConnectWithTimeout(ep->host ? ep->host : "127.0.0.1", ep->port, tv);
+    if (!ctx || ctx->err) {
+        snprintf(err, errlen, "cannot connect to %s: %s", ep->display, ctx ? ctx->errstr : "out of memory");
+        goto fail;
+    }
+    redisSetTimeout(ctx, tv);
+    if (ep->password) {
+        /* AUTH user password (Redis 6 ACL) or AUTH password */
+        const char *auth[3] = {"AUTH", ep->username ? ep->username : ep->password, ep->password};
+        if (handshake(ctx, ep->username ? 3 : 2, auth, "authentication", ep, err, errlen) < 0)
+            goto fail;
+    }
+    if (ep->db) {
+        char db[16];
+        snprintf(db, sizeof db, "%d", ep->db);
+        const char *select[2] = {"SELECT", db};
+        if (handshake(ctx, 2, select, "SELECT", ep, err, errlen) < 0)
+            goto fail;
+    }
+    if (!ep->socket)
+        redisEnableKeepAlive(ctx); /* TCP only: on a unix socket it fails and poisons the context */
+    return ctx;
+fail:
+    if (ctx)
+        redisFree(ctx);
+    return NULL;
 }
 
 int rconn_open(struct rconn *c, const char *name, const struct broker_endpoint *ep, int timeout_ms)
 {
     c->name = name;
     c->errstr[0] = '\0';
-    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-    redisContext *ctx = ep->socket ? redisConnectUnixWithTimeout(ep->socket, tv)
-                                   : redisConnectWithTimeout(ep->host ? ep->host : "127.0.0.1", ep->port, tv);
-    if (!ctx || ctx->err) {
-        snprintf(c->errstr, sizeof c->errstr, "cannot connect to %s: %s", ep->display,
-                 ctx ? ctx->errstr : "out of memory");
-        goto fail;
-    }
-    redisSetTimeout(ctx, tv);
-    if (ep->password) {
-        const char *argv[3] = {"AUTH", ep->username ? ep->username : ep->password, ep->password};
-        size_t lens[3] = {4, strlen(argv[1]), strlen(argv[2])};
-        redisReply *r = blocking_call(ctx, ep->username ? 3 : 2, argv, lens);
-        bool ok = r && r->type != REDIS_REPLY_ERROR;
-        snprintf(c->errstr, sizeof c->errstr, "authentication to %s failed: %s", ep->display,
-                 r && r->type == REDIS_REPLY_ERROR ? r->str : ctx->errstr);
-        if (r)
-            freeReplyObject(r);
-        if (!ok)
-            goto fail;
-        c->errstr[0] = '\0';
-    }
-    if (ep->db) {
-        redisReply *r = redisCommand(ctx, "SELECT %d", ep->db);
-        bool ok = r && r->type != REDIS_REPLY_ERROR;
-        snprintf(c->errstr, sizeof c->errstr, "SELECT %d on %s failed: %s", ep->db, ep->display,
-                 r && r->type == REDIS_REPLY_ERROR ? r->str : ctx->errstr);
-        if (r)
-            freeReplyObject(r);
-        if (!ok)
-            goto fail;
-        c->errstr[0] = '\0';
-    }
-    if (!ep->socket)
-        redisEnableKeepAlive(ctx); /* TCP only: on a unix socket it fails and poisons the context */
+    redisContext *ctx = broker_connect_blocking(ep, timeout_ms, c->errstr, sizeof c->errstr);
+    if (!ctx)
+        return -1;
     /* From here on the caller's poll loop drives the socket: hiredis treats EAGAIN as "try later" only
      * when the context is not marked blocking. */
     int flags = fcntl(ctx->fd, F_GETFL);
@@ -98,10 +110,6 @@ int rconn_open(struct rconn *c, const char *name, const struct broker_endpoint *
     ctx->flags &= ~REDIS_BLOCK;
     c->ctx = ctx;
     return 0;
-fail:
-    if (ctx)
-        redisFree(ctx);
-    return -1;
 }
 
 void rconn_close(struct rconn *c)

@@ -93,39 +93,11 @@ static redisContext *task_redis(struct task_ctx *ctx)
     }
     if (ex->conn)
         return ex->conn;
-    const struct broker_endpoint *ep = ex->redis;
-    struct timeval tv = {5, 0};
-    redisContext *c = ep->socket ? redisConnectUnixWithTimeout(ep->socket, tv)
-                                 : redisConnectWithTimeout(ep->host ? ep->host : "127.0.0.1", ep->port, tv);
-    redisReply *r = NULL;
-    if (!c || c->err)
-        goto fail;
-    redisSetTimeout(c, tv);
-    if (ep->password) {
-        r = ep->username ? redisCommand(c, "AUTH %s %s", ep->username, ep->password)
-                         : redisCommand(c, "AUTH %s", ep->password);
-        if (!r || r->type == REDIS_REPLY_ERROR)
-            goto fail;
-        freeReplyObject(r);
-        r = NULL;
-    }
-    if (ep->db) {
-        r = redisCommand(c, "SELECT %d", ep->db);
-        if (!r || r->type == REDIS_REPLY_ERROR)
-            goto fail;
-        freeReplyObject(r);
-        r = NULL;
-    }
-    ex->conn = c;
-    return c;
-fail:
-    task_fail(ctx, "ConnectionError", "cannot reach Redis at %s: %s", ep->display,
-              r && r->type == REDIS_REPLY_ERROR ? r->str : c ? c->errstr : "out of memory");
-    if (r)
-        freeReplyObject(r);
-    if (c)
-        redisFree(c);
-    return NULL;
+    char err[256];
+    ex->conn = broker_connect_blocking(ex->redis, 5000, err, sizeof err);
+    if (!ex->conn)
+        task_fail(ctx, "ConnectionError", "%s", err);
+    return ex->conn;
 }
 
 static void fail_doc(struct buf *doc, struct buf *summary, const struct msg_request *req, const char *exc_type,
