@@ -317,7 +317,12 @@ static void on_result(void *arg, int child, const struct pool_result *r)
         else
             log_info("Task %s succeeded in %.6gs: %s", label, r->runtime, r->summary);
     }
-    store_doc(c, j, j->req.id.s, r->doc, r->doc_len);
+    if (r->stored) {
+        job_ack(c, j); /* late ack: the child has had the result confirmed */
+        job_free(j);
+    } else {
+        store_doc(c, j, j->req.id.s, r->doc, r->doc_len);
+    }
 }
 
 static void on_child_exit(void *arg, int child, int status)
@@ -537,8 +542,16 @@ int consumer_run(const struct config *cfg)
     task_registry_enable_test_tasks(cfg->enable_test_tasks);
     /* Fork the pool first: no connection may cross a fork. */
     c->children = calloc((size_t)cfg->concurrency, sizeof *c->children);
-    struct pool_options popt = {cfg->concurrency, cfg->soft_time_limit, cfg->max_tasks_per_child,
-                                cfg->max_memory_per_child, cfg->node_name, &c->broker_ep};
+    /* Children store results themselves, except with --track-started: the main process writes STARTED, and
+     * a child's SUCCESS on another connection could then land before it and be overwritten. */
+    struct pool_options popt = {cfg->concurrency,
+                                cfg->soft_time_limit,
+                                cfg->max_tasks_per_child,
+                                cfg->max_memory_per_child,
+                                cfg->node_name,
+                                &c->broker_ep,
+                                cfg->result_backend && !cfg->track_started ? &c->backend_ep : NULL,
+                                cfg->result_expires};
     struct pool_handlers ph = {on_result, on_child_exit};
     c->pool = pool_start(&popt, &ph, c, err, sizeof err);
     if (!c->pool) {

@@ -29,6 +29,7 @@ struct executor {
     const char *hostname;
     const struct broker_endpoint *redis; /* NULL: tasks get no Redis */
     redisContext *conn;                  /* opened on first use, reopened after an error */
+    char last_id[256];                   /* the id of the message last run */
 };
 
 struct executor *executor_new(const char *hostname, const struct broker_endpoint *redis, double soft_time_limit)
@@ -140,6 +141,11 @@ static int body_arguments(json_t *body, json_t **args, json_t **kwargs, char *er
     return 0;
 }
 
+const char *executor_last_task_id(const struct executor *ex)
+{
+    return ex->last_id;
+}
+
 bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc, struct buf *summary,
                   double *runtime)
 {
@@ -151,6 +157,7 @@ bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *
     *runtime = 0;
 
     int rc = msg_decode(raw, len, 0, &req, err, sizeof err);
+    snprintf(ex->last_id, sizeof ex->last_id, "%s", req.id.s && req.id.len < sizeof ex->last_id ? req.id.s : "");
     if (rc != MSG_OK) {
         fail_doc(doc, summary, &req, executor_decode_exc_type(rc), err);
         goto out;

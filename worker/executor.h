@@ -22,6 +22,9 @@ void executor_free(struct executor *ex);
 bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc, struct buf *summary,
                   double *runtime);
 
+/* The task id of the message executor_run last ran ("" if it had none). Borrowed until the next run. */
+const char *executor_last_task_id(const struct executor *ex);
+
 /* The exception type a client sees for a message that msg_decode refused with msg_status:
  * ContentDisallowed, DecodeError or InvalidTaskError. */
 const char *executor_decode_exc_type(int msg_status);

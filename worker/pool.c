@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <hiredis/hiredis.h>
+
 #include "buf.h"
 #include "executor.h"
 #include "log.h"
@@ -124,10 +126,75 @@ static bool should_retire(const struct pool_options *opt, long done)
     return false;
 }
 
+/* A child's own connection to the result backend: results of a batch are pipelined, and a frame is marked
+ * "stored" only once Redis confirmed its SETEX and PUBLISH. Any trouble and the results go to the main
+ * process as usual, whose backend keeps them across outages; the connection is retried a second later. */
+struct child_store {
+    const struct pool_options *opt;
+    redisContext *conn;
+    double retry_at;
+    size_t *flag_at;  /* offsets in the output buffer of the flag bytes of frames whose doc was sent */
+    size_t n, cap;
+};
+
+static void store_append(struct child_store *cs, const char *id, const struct buf *doc, size_t flag_at)
+{
+    if (!cs->opt->results || !doc->len || !id[0])
+        return;
+    if (!cs->conn) {
+        if (pool_clock() < cs->retry_at)
+            return;
+        char err[256];
+        cs->conn = broker_connect_blocking(cs->opt->results, 1000, err, sizeof err);
+        if (!cs->conn) {
+            cs->retry_at = pool_clock() + 1.0;
+            return;
+        }
+    }
+    if (cs->opt->result_expires > 0)
+        redisAppendCommand(cs->conn, "SETEX celery-task-meta-%s %ld %b", id, cs->opt->result_expires, doc->data,
+                           doc->len);
+    else
+        redisAppendCommand(cs->conn, "SET celery-task-meta-%s %b", id, doc->data, doc->len);
+    redisAppendCommand(cs->conn, "PUBLISH celery-task-meta-%s %b", id, doc->data, doc->len);
+    if (cs->n == cs->cap) {
+        cs->cap = cs->cap ? cs->cap * 2 : 64;
+        cs->flag_at = realloc(cs->flag_at, cs->cap * sizeof *cs->flag_at);
+        if (!cs->flag_at)
+            abort();
+    }
+    cs->flag_at[cs->n++] = flag_at;
+}
+
+/* Sends the batch's commands and reads their replies, marking each frame whose result is stored. */
+static void store_flush(struct child_store *cs, struct buf *out)
+{
+    size_t i = 0;
+    for (; i < cs->n && cs->conn; i++) {
+        bool ok = true;
+        for (int k = 0; k < 2; k++) {
+            void *reply = NULL;
+            if (redisGetReply(cs->conn, &reply) != REDIS_OK) {
+                redisFree(cs->conn);
+                cs->conn = NULL;
+                cs->retry_at = pool_clock() + 1.0;
+                ok = false;
+                break;
+            }
+            ok = ok && ((redisReply *)reply)->type != REDIS_REPLY_ERROR;
+            freeReplyObject(reply);
+        }
+        if (ok)
+            out->data[cs->flag_at[i]] |= 2;
+    }
+    cs->n = 0;
+}
+
 static void child_loop(int fd, const struct pool_options *opt, struct pool_slot *slot)
 {
     long done = 0;
     bool retire = false;
+    struct child_store store = {.opt = opt};
     struct executor *ex = executor_new(opt->hostname, opt->redis, opt->soft_time_limit);
     struct buf in = {0}, out = {0}, doc = {0}, summary = {0};
     for (;;) {
@@ -160,12 +227,14 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
             put_u32(&out, (uint32_t)(1 + 8 + 1 + 8 + 4 + doc.len + summary.len));
             buf_append_char(&out, FRAME_RESULT);
             put_u64(&out, seq);
-            buf_append_char(&out, failed ? 1 : 0);
+            store_append(&store, executor_last_task_id(ex), &doc, out.len);
+            buf_append_char(&out, failed ? 1 : 0); /* bit 0: failed; bit 1 (set by store_flush): stored */
             buf_append(&out, &runtime, sizeof runtime);
             put_u32(&out, (uint32_t)doc.len);
             buf_append(&out, doc.data ? doc.data : "", doc.len);
             buf_append(&out, summary.data ? summary.data : "", summary.len);
             if (runtime > LONG_TASK_S || out.len > (1 << 20) || retire) {
+                store_flush(&store, &out);
                 if (write_all(fd, out.data, out.len) < 0)
                     goto done;
                 buf_reset(&out);
@@ -175,6 +244,7 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
         }
         buf_consume(&in, off);
         if (out.len) {
+            store_flush(&store, &out);
             if (write_all(fd, out.data, out.len) < 0)
                 goto done;
             buf_reset(&out);
@@ -183,6 +253,9 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
     }
 done:
     log_flush();
+    if (store.conn)
+        redisFree(store.conn);
+    free(store.flag_at);
     buf_free(&in);
     buf_free(&out);
     buf_free(&doc);
@@ -323,7 +396,8 @@ static void parse_results(struct pool *p, int i)
             continue;
         struct pool_result r;
         r.seq = get_u64(f + 1);
-        r.failed = f[9] != 0;
+        r.failed = (f[9] & 1) != 0;
+        r.stored = (f[9] & 2) != 0;
         memcpy(&r.runtime, f + 10, sizeof r.runtime);
         uint32_t dlen = get_u32(f + 18);
         if ((size_t)22 + dlen > flen)

@@ -5,8 +5,9 @@
  * child, never the worker. Frames are length-prefixed on a stream socket; the main side never blocks (it
  * buffers and writes when poll says so), a child blocks freely. A child writes its results back as soon as
  * its input runs dry or a task took long, so short tasks are batched and long ones are not delayed.
- * Children are forked before any connection is opened by the main process and open their own (Redis for
- * native.incr) lazily, so no connection ever crosses a fork. */
+ * Children are forked before any connection is opened by the main process and open their own lazily (Redis
+ * for native.incr, and the result backend, where they store results themselves when they can), so no
+ * connection ever crosses a fork. */
 #ifndef CELERIAC_POOL_H
 #define CELERIAC_POOL_H
 
@@ -23,6 +24,7 @@ struct pool;
 struct pool_result {
     uint64_t seq;
     bool failed;         /* the task raised (FAILURE); false for SUCCESS */
+    bool stored;         /* the child stored doc itself (SETEX + PUBLISH confirmed); nothing left to write */
     double runtime;      /* seconds, measured in the child */
     const char *doc;     /* the result document to store; empty when ignore_result */
     size_t doc_len;
@@ -43,6 +45,10 @@ struct pool_options {
     int max_memory_per_child;            /* ... or once a task leaves it above this many KiB resident; 0: never */
     const char *hostname;                /* borrowed: the node name tasks see */
     const struct broker_endpoint *redis; /* borrowed: what native.incr talks to; NULL: no Redis for tasks */
+    /* Where a child stores results itself (one hop less between a task's end and its client), falling back
+     * to the main process when that fails; NULL: children hand every result to the main process. */
+    const struct broker_endpoint *results;
+    long result_expires;                 /* as for backend_open */
 };
 
 /* Forks the children. Returns NULL with err filled on failure. */
