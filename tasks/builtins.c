@@ -280,20 +280,35 @@ enum task_outcome task_builtin_incr(struct task_ctx *ctx, json_t *args, json_t *
                          "Invalid input of type: '%s'. Convert to a bytes, string, int or float first.",
                          task_pytype(key));
     }
-    struct redisContext *c = ctx->redis ? ctx->redis(ctx) : NULL;
-    if (!c) {
-        if (ctx->exc_type[0] == '\0')
+    /* While Redis is briefly away (a restart, a dropped connection) the task waits and tries again, for up
+     * to ctx->redis_retry_s or its soft time limit, rather than fail: what a redis-py client with retries does.
+     * An INCR that ran but whose reply was lost may so count twice; it is never lost. */
+    redisReply *reply = NULL;
+    double waited = 0, pause = 0.05;
+    for (;;) {
+        struct redisContext *c = ctx->redis ? ctx->redis(ctx) : NULL;
+        if (c) {
+            reply = redisCommand(c, "INCR %b", k, klen);
+            if (reply)
+                break;
+            /* redis-py's wording. The context stays in its error state: redis() reconnects next time. */
+            if (c->err == REDIS_ERR_EOF)
+                task_fail(ctx, "ConnectionError", "Connection closed by server.");
+            else
+                task_fail(ctx, "ConnectionError", "Error while reading from socket: %s",
+                          c->errstr[0] ? c->errstr : "connection lost");
+        } else if (ctx->exc_type[0] == '\0') {
             task_fail(ctx, "ConnectionError", "no Redis connection is available to this task");
-        return TASK_FAILURE;
+        }
+        if (!ctx->redis || waited >= ctx->redis_retry_s || task_soft_time_limit_exceeded(ctx))
+            return TASK_FAILURE;
+        struct timespec ts = {(time_t)pause, (long)((pause - (double)(time_t)pause) * 1e9)};
+        nanosleep(&ts, NULL);
+        waited += pause;
+        pause = pause * 2 > 1.0 ? 1.0 : pause * 2;
+        task_ctx_reset(ctx);
+        ctx->exc_type[0] = '\0';
     }
-    redisReply *reply = redisCommand(c, "INCR %b", k, klen);
-    /* redis-py's wording for the same two situations. The context is left in its error state: the worker's
-     * redis() provider sees c->err and reconnects for the next task. */
-    if (!reply && c->err == REDIS_ERR_EOF)
-        return task_fail(ctx, "ConnectionError", "Connection closed by server.");
-    if (!reply)
-        return task_fail(ctx, "ConnectionError", "Error while reading from socket: %s",
-                         c->errstr[0] ? c->errstr : "connection lost");
     enum task_outcome out;
     if (reply->type == REDIS_REPLY_ERROR)
         out = fail_redis_error(ctx, reply->str);

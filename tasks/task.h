@@ -36,6 +36,8 @@ struct task_ctx {
      * (or NULL with an error set through task_fail already); the context stays owned by the worker. */
     struct redisContext *(*redis)(struct task_ctx *ctx);
     void *host; /* the worker's private data for the services above */
+    /* How long a task may keep retrying while that Redis is unreachable (seconds; 0: fail at once). */
+    double redis_retry_s;
 
     /* Set (asynchronously, from a signal handler) once the task's soft time limit has passed. A long task
      * polls it with task_soft_time_limit_exceeded and gives up with

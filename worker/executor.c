@@ -198,6 +198,7 @@ bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *
         .retries = req.retries,
         .redis = task_redis,
         .host = ex,
+        .redis_retry_s = ex->redis ? 30.0 : 0, /* rides out a Redis restart rather than failing the task */
     };
     double soft = req.has_soft_time_limit ? req.soft_time_limit : ex->soft_time_limit;
     if (soft > 0) {
