@@ -36,13 +36,6 @@ struct backend {
     char errstr[256];
 };
 
-static double now_epoch(void)
-{
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (double)tv.tv_sec + tv.tv_usec / 1e6;
-}
-
 static void send_op(struct backend *be, struct store_op *op);
 
 static int connect_backend(struct backend *be, int timeout_ms)
@@ -118,7 +111,7 @@ static void lost(struct backend *be, const char *why)
               be->pending);
     rconn_close(&be->conn);
     be->backoff = BACKOFF_MIN;
-    be->next_reconnect = now_epoch() + be->backoff;
+    be->next_reconnect = rconn_epoch() + be->backoff;
 }
 
 int backend_pollfds(struct backend *be, struct pollfd *fds, int max)

@@ -11,6 +11,9 @@
 
 #include "broker.h"
 
+/* Wall-clock seconds since the epoch (kombu's unacked scores and our timers use it). */
+double rconn_epoch(void);
+
 struct rconn;
 /* printf-style line to c->log (or stderr when unset). */
 void rconn_log(const struct rconn *c, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -215,13 +215,6 @@ struct broker {
     char errstr[256];
 };
 
-static double now_epoch(void)
-{
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (double)tv.tv_sec + tv.tv_usec / 1e6;
-}
-
 static int load_script(struct broker *b, const char *src, char *sha)
 {
     redisReply *r = rconn_call(&b->main, "SCRIPT LOAD %s", src);
@@ -387,7 +380,7 @@ static void lost(struct broker *b, const char *why)
     rconn_close(&b->main);
     rconn_close(&b->wake);
     b->backoff = BACKOFF_MIN;
-    b->next_reconnect = now_epoch() + b->backoff;
+    b->next_reconnect = rconn_epoch() + b->backoff;
 }
 
 bool broker_connected(const struct broker *b)
@@ -426,7 +419,7 @@ struct broker *broker_open(const struct broker_endpoint *ep, const struct broker
         snprintf(err, errlen, "%s", b->main.errstr);
         goto fail;
     }
-    double now = now_epoch();
+    double now = rconn_epoch();
     b->next_poll = now + POLL_FALLBACK_S;
     if (broker_restore_visible(b, now) < 0) {
         snprintf(err, errlen, "%s", b->errstr);
@@ -751,7 +744,7 @@ void broker_fetch(struct broker *b, int max)
     char nk[16], maxs[16], score[32], prefix[80];
     snprintf(nk, sizeof nk, "%zu", nkeys + 2);
     snprintf(maxs, sizeof maxs, "%d", max);
-    snprintf(score, sizeof score, "%.6f", now_epoch());
+    snprintf(score, sizeof score, "%.6f", rconn_epoch());
     snprintf(prefix, sizeof prefix, "%s%llu-", b->tag_prefix, ++b->fetch_count);
     size_t a = 0;
     argv[a++] = "EVALSHA";
