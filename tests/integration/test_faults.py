@@ -1,6 +1,9 @@
 """Redis access with an ACL user and password (Redis 6+): the broker, the backend and the tasks' own
 connection (native.incr) all authenticate as that user."""
 
+import re
+import time
+
 import pytest
 
 from conftest import close_client, make_client
@@ -83,6 +86,49 @@ def test_redis_restart_in_the_middle_of_a_stream_loses_nothing(workers):
         assert {d["status"] for d in docs} == {"SUCCESS"}
         assert w.running()
         assert "Reconnected" in w.log()
+    finally:
+        for w in workers.workers:
+            if w.running():
+                w.stop()
+        rs.stop()
+        rs.cleanup()
+
+
+def test_dropped_connections_are_reopened(app, workers, broker):
+    """Every connection of the worker killed by the server (CLIENT KILL): it reconnects, says so, and
+    consumes again; no silent stall (celery #8091)."""
+    w = workers.start("-c", "2")
+    assert app.send_task("native.add", args=[1, 1]).get(timeout=TIMEOUT) == 2
+    broker.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    broker.execute_command("CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "yes")
+    results = [app.send_task("native.add", args=[i, i]) for i in range(50)]
+    assert [r.get(timeout=TIMEOUT) for r in results] == [2 * i for i in range(50)]
+    w.wait_log(re.compile(r"Connection to broker lost"), TIMEOUT)
+    w.wait_log(re.compile(r"Reconnected to"), TIMEOUT)
+
+
+def test_result_computed_while_redis_is_down_is_written_when_it_is_back(workers):
+    import json
+    from servers import RedisServer
+    from util import task_envelope
+
+    rs = RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always"))
+    rs.start()
+    try:
+        env = task_envelope("native.sleep_ms", args=[1500])
+        rs.client(0).lpush("celery", json.dumps(env))
+        w = workers.start("-c", "1", broker_url=rs.url(0), backend_url=rs.url(1))
+        w.wait_log(re.compile(re.escape(f"native.sleep_ms[{env['headers']['id']}] received")), TIMEOUT)
+        rs.stop()
+        w.wait_log(re.compile(re.escape(f"native.sleep_ms[{env['headers']['id']}] succeeded")), TIMEOUT)
+        time.sleep(0.5)
+        rs.start()
+        backend = rs.client(1)
+        wait_until(lambda: backend.get(f"celery-task-meta-{env['headers']['id']}"), timeout=TIMEOUT,
+                   what="the result stored after Redis came back")
+        doc = json.loads(backend.get(f"celery-task-meta-{env['headers']['id']}"))
+        assert doc["status"] == "SUCCESS" and doc["result"] == 1500
+        assert w.running()
     finally:
         for w in workers.workers:
             if w.running():
