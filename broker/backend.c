@@ -188,6 +188,13 @@ static void on_set_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)
     (void)steal;
     struct store_op *op = arg;
     op->set_ok = r && r->type != REDIS_REPLY_ERROR;
+    if (rconn_transient_error(r)) {
+        /* Redis is not ready yet (loading after a restart...): treat it as a lost connection, so that this
+         * result and every later one are sent again after the reconnect. */
+        rconn_log(c, BROKER_LOG_WARNING, "result backend not ready: %s", r->str);
+        rconn_close(c);
+        return;
+    }
     if (r && r->type == REDIS_REPLY_ERROR)
         rconn_log(c, BROKER_LOG_ERROR, "storing a result failed: %s", r->str);
 }

@@ -9,6 +9,17 @@
 #include <string.h>
 #include <sys/time.h>
 
+bool rconn_transient_error(const redisReply *r)
+{
+    static const char *const prefixes[] = {"LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY"};
+    if (!r || r->type != REDIS_REPLY_ERROR || !r->str)
+        return false;
+    for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
+        if (strncmp(r->str, prefixes[i], strlen(prefixes[i])) == 0)
+            return true;
+    return false;
+}
+
 double rconn_epoch(void)
 {
     struct timeval tv;

@@ -11,6 +11,10 @@
 
 #include "broker.h"
 
+/* Whether an error reply only means "not now" (a server loading its data set after a restart, a busy
+ * script, a failover): the command must be sent again later, not given up. */
+bool rconn_transient_error(const redisReply *r);
+
 /* Wall-clock seconds since the epoch (kombu's unacked scores and our timers use it). */
 double rconn_epoch(void);
 

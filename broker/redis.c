@@ -537,6 +537,8 @@ static void on_acked(struct rconn *c, redisReply *r, void *arg, bool *steal)
     (void)c;
     (void)steal;
     struct ack_batch *batch = arg;
+    if (rconn_transient_error(r))
+        r = NULL; /* not done: ack these again later, like after a lost connection */
     for (size_t i = 0; i < batch->n; i++) {
         if (r || !batch->b->ep)
             free(batch->tags[i]);

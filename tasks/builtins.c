@@ -289,10 +289,17 @@ enum task_outcome task_builtin_incr(struct task_ctx *ctx, json_t *args, json_t *
         struct redisContext *c = ctx->redis ? ctx->redis(ctx) : NULL;
         if (c) {
             reply = redisCommand(c, "INCR %b", k, klen);
-            if (reply)
+            /* A Redis that restarted and is still loading its data is not ready rather than failed. */
+            bool loading = reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "LOADING", 7) == 0;
+            if (reply && !(loading && waited < ctx->redis_retry_s))
                 break;
-            /* redis-py's wording. The context stays in its error state: redis() reconnects next time. */
-            if (c->err == REDIS_ERR_EOF)
+            /* redis-py's wording. After an I/O error the context stays in its error state, so redis()
+             * reconnects next time. */
+            if (loading) {
+                freeReplyObject(reply);
+                reply = NULL;
+                task_fail(ctx, "BusyLoadingError", "Redis is loading the dataset in memory");
+            } else if (c->err == REDIS_ERR_EOF)
                 task_fail(ctx, "ConnectionError", "Connection closed by server.");
             else
                 task_fail(ctx, "ConnectionError", "Error while reading from socket: %s",
