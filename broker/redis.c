@@ -111,7 +111,9 @@ static void tagset_add(struct tagset *t, const char *tag);
 static void tagset_grow(struct tagset *t)
 {
     struct tagset old = *t;
-    t->cap = old.cap ? old.cap * 2 : 64;
+    /* Sized by the live tags only: a rehash also drops the tombstones, so the table follows how many
+     * messages are held now, not how many have passed through. */
+    t->cap = 64;
     while (t->cap < old.live * 4)
         t->cap *= 2;
     t->slots = calloc(t->cap, sizeof *t->slots);
