@@ -1,16 +1,31 @@
 """Redis access with an ACL user and password (Redis 6+): the broker, the backend and the tasks' own
 connection (native.incr) all authenticate as that user."""
 
+import json
 import re
 import time
 
 import pytest
 
 from conftest import close_client, make_client
-from servers import Celeriac
-from util import TIMEOUT, wait_until
+from servers import Celeriac, RedisServer
+from util import TIMEOUT, task_envelope, wait_until
 
 pytestmark = pytest.mark.celeriac_only("the ACL user is set up for celeriac's connections")
+
+
+@pytest.fixture
+def aof_redis(workers):
+    """A private redis-server with an append-only file, so that its data (queues included) survives the
+    restarts these tests do. Workers started on it are stopped before it is."""
+    rs = RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always"))
+    rs.start()
+    yield rs
+    for w in workers.workers:
+        if w.running():
+            w.stop()
+    rs.stop()
+    rs.cleanup()
 
 
 def test_acl_user_and_password(workers, redis_server):
@@ -51,47 +66,35 @@ def test_wrong_password_is_a_clear_error(workers, redis_server):
         admin.execute_command("ACL", "DELUSER", "celeriac-user2")
 
 
-def test_redis_restart_in_the_middle_of_a_stream_loses_nothing(workers):
+def test_redis_restart_in_the_middle_of_a_stream_loses_nothing(workers, aof_redis):
     """5,000 acks_late native.incr tasks, each on its own counter; Redis (with an append-only file, so that
     the queue itself survives) is restarted while celeriac works through them. Every task gets its SUCCESS
     result and every counter is at least 1: nothing is lost. A task running at the restart may run again
     (that is what acks_late promises), so counters above 1 are bounded by what the worker held."""
-    import json
-    from servers import RedisServer
-    from util import task_envelope
-
-    rs = RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always"))
-    rs.start()
-    try:
-        broker, backend = rs.client(0), rs.client(1)
-        n, ids, pipe = 5000, [], broker.pipeline(transaction=False)
-        for i in range(n):
-            env = task_envelope("native.incr", args=[f"stream:{i}"])
-            ids.append(env["headers"]["id"])
-            pipe.lpush("celery", json.dumps(env))
-        pipe.execute()
-        w = workers.start("-c", "2", "--acks-late", "--visibility-timeout", "2", "--prefetch-multiplier", "1",
-                          broker_url=rs.url(0), backend_url=rs.url(1))
-        wait_until(lambda: broker.llen("celery") < n - 500, what="the worker under way")
-        rs.restart()
-        def finished():
-            return (broker.llen("celery") == 0 and broker.hlen("unacked") == 0 and
-                    sum(1 for v in backend.mget([f"celery-task-meta-{t}" for t in ids]) if v) == n)
-        wait_until(finished, timeout=120, what="every task run and its result stored after the restart")
-        counts = [int(v or 0) for v in broker.mget([f"stream:{i}" for i in range(n)])]
-        zero = [i for i, c in enumerate(counts) if c == 0]
-        assert not zero, f"{len(zero)} tasks lost: " + str([backend.get(f"celery-task-meta-{ids[i]}") for i in zero[:3]])
-        assert sum(c - 1 for c in counts) <= 4  # at most what -c 2 with multiplier 1 held at the restart
-        docs = [json.loads(v) for v in backend.mget([f"celery-task-meta-{t}" for t in ids])]
-        assert {d["status"] for d in docs} == {"SUCCESS"}
-        assert w.running()
-        assert "Reconnected" in w.log()
-    finally:
-        for w in workers.workers:
-            if w.running():
-                w.stop()
-        rs.stop()
-        rs.cleanup()
+    rs = aof_redis
+    broker, backend = rs.client(0), rs.client(1)
+    n, ids, pipe = 5000, [], broker.pipeline(transaction=False)
+    for i in range(n):
+        env = task_envelope("native.incr", args=[f"stream:{i}"])
+        ids.append(env["headers"]["id"])
+        pipe.lpush("celery", json.dumps(env))
+    pipe.execute()
+    w = workers.start("-c", "2", "--acks-late", "--visibility-timeout", "2", "--prefetch-multiplier", "1",
+                      broker_url=rs.url(0), backend_url=rs.url(1))
+    wait_until(lambda: broker.llen("celery") < n - 500, what="the worker under way")
+    rs.restart()
+    def finished():
+        return (broker.llen("celery") == 0 and broker.hlen("unacked") == 0 and
+                sum(1 for v in backend.mget([f"celery-task-meta-{t}" for t in ids]) if v) == n)
+    wait_until(finished, timeout=120, what="every task run and its result stored after the restart")
+    counts = [int(v or 0) for v in broker.mget([f"stream:{i}" for i in range(n)])]
+    zero = [i for i, c in enumerate(counts) if c == 0]
+    assert not zero, f"{len(zero)} tasks lost: " + str([backend.get(f"celery-task-meta-{ids[i]}") for i in zero[:3]])
+    assert sum(c - 1 for c in counts) <= 4  # at most what -c 2 with multiplier 1 held at the restart
+    docs = [json.loads(v) for v in backend.mget([f"celery-task-meta-{t}" for t in ids])]
+    assert {d["status"] for d in docs} == {"SUCCESS"}
+    assert w.running()
+    assert "Reconnected" in w.log()
 
 
 def test_dropped_connections_are_reopened(app, workers, broker):
@@ -107,31 +110,19 @@ def test_dropped_connections_are_reopened(app, workers, broker):
     w.wait_log(re.compile(r"Reconnected to"), TIMEOUT)
 
 
-def test_result_computed_while_redis_is_down_is_written_when_it_is_back(workers):
-    import json
-    from servers import RedisServer
-    from util import task_envelope
-
-    rs = RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always"))
+def test_result_computed_while_redis_is_down_is_written_when_it_is_back(workers, aof_redis):
+    rs = aof_redis
+    env = task_envelope("native.sleep_ms", args=[1500])
+    rs.client(0).lpush("celery", json.dumps(env))
+    w = workers.start("-c", "1", broker_url=rs.url(0), backend_url=rs.url(1))
+    w.wait_log(re.compile(re.escape(f"native.sleep_ms[{env['headers']['id']}] received")), TIMEOUT)
+    rs.stop()
+    w.wait_log(re.compile(re.escape(f"native.sleep_ms[{env['headers']['id']}] succeeded")), TIMEOUT)
+    time.sleep(0.5)
     rs.start()
-    try:
-        env = task_envelope("native.sleep_ms", args=[1500])
-        rs.client(0).lpush("celery", json.dumps(env))
-        w = workers.start("-c", "1", broker_url=rs.url(0), backend_url=rs.url(1))
-        w.wait_log(re.compile(re.escape(f"native.sleep_ms[{env['headers']['id']}] received")), TIMEOUT)
-        rs.stop()
-        w.wait_log(re.compile(re.escape(f"native.sleep_ms[{env['headers']['id']}] succeeded")), TIMEOUT)
-        time.sleep(0.5)
-        rs.start()
-        backend = rs.client(1)
-        wait_until(lambda: backend.get(f"celery-task-meta-{env['headers']['id']}"), timeout=TIMEOUT,
-                   what="the result stored after Redis came back")
-        doc = json.loads(backend.get(f"celery-task-meta-{env['headers']['id']}"))
-        assert doc["status"] == "SUCCESS" and doc["result"] == 1500
-        assert w.running()
-    finally:
-        for w in workers.workers:
-            if w.running():
-                w.stop()
-        rs.stop()
-        rs.cleanup()
+    backend = rs.client(1)
+    wait_until(lambda: backend.get(f"celery-task-meta-{env['headers']['id']}"), timeout=TIMEOUT,
+               what="the result stored after Redis came back")
+    doc = json.loads(backend.get(f"celery-task-meta-{env['headers']['id']}"))
+    assert doc["status"] == "SUCCESS" and doc["result"] == 1500
+    assert w.running()
