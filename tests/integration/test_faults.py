@@ -1,5 +1,6 @@
-"""Redis access with an ACL user and password (Redis 6+): the broker, the backend and the tasks' own
-connection (native.incr) all authenticate as that user."""
+"""Broker and backend faults: an ACL user and password (Redis 6+) for every connection, connections dropped by
+the server, Redis restarted under load or while a task runs. Nothing may be lost; the worker must reconnect
+and go on."""
 
 import json
 import re
@@ -11,7 +12,7 @@ from conftest import close_client, make_client
 from servers import Celeriac, RedisServer
 from util import TIMEOUT, task_envelope, wait_until
 
-pytestmark = pytest.mark.celeriac_only("the ACL user is set up for celeriac's connections")
+pytestmark = pytest.mark.celeriac_only("celeriac's reconnects, log lines and ACL-configured connections")
 
 
 @pytest.fixture
@@ -29,6 +30,7 @@ def aof_redis(workers):
 
 
 def test_acl_user_and_password(workers, redis_server):
+    """The broker, the backend and the tasks' own connection (native.incr) all authenticate as that user."""
     admin = redis_server.client(0)
     admin.execute_command("ACL", "SETUSER", "celeriac-user", "on", ">s3cr3t-pw", "~*", "&*", "+@all")
     try:
