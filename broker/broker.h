@@ -14,6 +14,8 @@
  *  - acks are coalesced into one ZREM and one HDEL per pass;
  *  - requeue (warm shutdown) and the visibility-timeout restore put messages back with `redelivered` set,
  *    only if their unacked record still exists, so a message is never restored twice.
+ *  - defer (ETA tasks over the worker's cap) puts a message back unchanged at the far end of the priority list
+ *    it came from, with the same guard.
  * Redis >= 6.2 is required (RPOP with a count, CLIENT TRACKING). */
 #ifndef CELERIAC_BROKER_H
 #define CELERIAC_BROKER_H
@@ -53,6 +55,7 @@ struct broker_delivery {
     char *raw;    /* owned: the message exactly as it was in the list */
     size_t len;
     int queue;    /* index into the queue names given to broker_open */
+    int priority; /* the priority step (0, 3, 6 or 9) of the list it was taken from */
 };
 void broker_delivery_free(struct broker_delivery *d); /* frees d and what it owns */
 
@@ -93,12 +96,19 @@ bool broker_should_fetch(const struct broker *b);
 void broker_fetch(struct broker *b, int max);
 /* Number of messages the fetch in flight may still deliver (counts against prefetch). */
 int broker_fetch_in_flight(const struct broker *b);
+/* Commands issued (acks, requeues, ...) whose replies have not come yet, or that are not even sent yet. A warm
+ * shutdown waits for this to reach 0 so that it does not close the connection with requeues still unwritten. */
+size_t broker_pending(const struct broker *b);
 
 /* Acknowledges (removes the unacked record of) a delivery: coalesced until the next flush. tag borrowed. */
 void broker_ack(struct broker *b, const char *tag);
 /* Puts a delivery back on its queue with redelivered=true, where it is consumed next, and removes its
  * unacked record, atomically, unless someone restored it already. d borrowed. */
 void broker_requeue(struct broker *b, const struct broker_delivery *d);
+/* Puts a delivery back on the list it was taken from, unchanged, at the far end (as if just published: the
+ * messages queued behind it come first), and removes its unacked record, atomically, unless someone restored
+ * it already. For messages taken but not wanted now (ETA tasks over --max-eta-reserved). d borrowed. */
+void broker_defer(struct broker *b, const struct broker_delivery *d);
 /* Restores every unacked record older than the visibility timeout (kombu's mutex protocol), except the
  * ones this broker holds. Blocking; returns how many were restored, or -1. */
 int broker_restore_visible(struct broker *b, double now);

@@ -376,7 +376,8 @@ static int connect_broker(struct broker *b, int timeout_ms)
 
 static void lost(struct broker *b, const char *why)
 {
-    snprintf(b->errstr, sizeof b->errstr, "%s", why);
+    if (why != b->errstr) /* callers pass b->errstr itself at times: snprintf may not copy onto its source */
+        snprintf(b->errstr, sizeof b->errstr, "%s", why);
     rconn_log(&b->main, BROKER_LOG_ERROR,
               "consumer: Connection to broker lost (%s). Trying to re-establish the connection...", why);
     rconn_close(&b->main);
@@ -667,6 +668,11 @@ int broker_fetch_in_flight(const struct broker *b)
     return b->fetch_requested;
 }
 
+size_t broker_pending(const struct broker *b)
+{
+    return rconn_connected(&b->main) ? rconn_pending(&b->main) + b->nacks : 0;
+}
+
 static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)
 {
     (void)c;
@@ -700,6 +706,7 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
         d->tag = strdup(tag->str);
         long long list = idx->integer - 1;
         d->queue = list >= 0 && (size_t)list < b->nqueues * NPRIO ? f->list_queue[list] : 0;
+        d->priority = list >= 0 && (size_t)list < b->nqueues * NPRIO ? (int)((size_t)list / b->nqueues) * 3 : 0;
         last_queue = d->queue;
         tagset_add(&b->held, d->tag);
         b->h.on_deliver(b->arg, d);
@@ -815,8 +822,8 @@ static char *mark_redelivered(const char *raw, size_t len)
     return out;
 }
 
-static void restore_to(struct broker *b, const char *tag, const char *payload, const char *const *queues,
-                       size_t nqueues, const char *end, bool wait)
+static void restore_to(struct broker *b, const char *tag, const char *payload, size_t payload_len,
+                       const char *const *queues, size_t nqueues, const char *end, bool wait)
 {
     size_t argc = 3 + 2 + nqueues + 3;
     const char **argv = malloc(argc * sizeof *argv);
@@ -837,7 +844,7 @@ static void restore_to(struct broker *b, const char *tag, const char *payload, c
     argv[a++] = payload;
     argv[a++] = end;
     for (size_t i = 0; i < a; i++)
-        lens[i] = strlen(argv[i]);
+        lens[i] = argv[i] == payload ? payload_len : strlen(argv[i]);
     if (wait) {
         redisReply *r = rconn_call_argv(&b->main, (int)a, argv, lens);
         if (r)
@@ -855,8 +862,19 @@ void broker_requeue(struct broker *b, const struct broker_delivery *d)
         return;
     char *payload = mark_redelivered(d->raw, d->len);
     const char *queue = b->queues[d->queue];
-    restore_to(b, d->tag, payload, &queue, 1, "R", false);
+    restore_to(b, d->tag, payload, strlen(payload), &queue, 1, "R", false);
     free(payload);
+}
+
+void broker_defer(struct broker *b, const struct broker_delivery *d)
+{
+    if (!tagset_remove(&b->held, d->tag))
+        return;
+    /* Back where a publisher would have put it: its own priority list, at the far end, unchanged (not
+     * marked redelivered: it was never handed to a task). */
+    int list = d->priority < 0 ? 0 : d->priority > 9 ? NPRIO - 1 : d->priority / 3; /* 0..3 */
+    const char *dest = b->keys[(size_t)d->queue * NPRIO + (size_t)list];
+    restore_to(b, d->tag, d->raw, d->len, &dest, 1, "L", false);
 }
 
 /* The queues a kombu record [message, exchange, routing_key] goes back to: the routing key itself for the
@@ -917,7 +935,7 @@ static int restore_one(struct broker *b, const char *tag)
     char **queues;
     size_t nq = route_record(b, ex, rk, &queues);
     if (nq) {
-        restore_to(b, tag, payload, (const char *const *)queues, nq, "R", true);
+        restore_to(b, tag, payload, strlen(payload), (const char *const *)queues, nq, "R", true);
         restored = 1;
     } else {
         rconn_log(&b->main, BROKER_LOG_WARNING, "no queue bound for unacked record %s (exchange '%s', key '%s'); left as is",

@@ -78,3 +78,63 @@ def incr(key):
             url = app.conf.result_backend
         _redis = redis.Redis.from_url(url.replace("redis+socket://", "unix://"))
     return _redis.incr(key)
+
+
+@app.task(name="native.retry_n", bind=True, shared=False, max_retries=None)
+def retry_n(self, n, max_retries=3):
+    if self.request.retries < n:
+        raise self.retry(countdown=0.1, max_retries=max_retries)
+    return n
+
+
+@app.task(name="native.fib_tree", bind=True, shared=False)
+def fib_tree(self, n, cutoff):
+    """fib(n) as a tree of tasks, deadlock-free as Celery allows it: the task replaces itself by a chord of
+    its two halves into xsum (Task.replace), instead of waiting for them. celeriac's native.fib_tree does the
+    same with task_continue_with."""
+    from celery import chord
+
+    if n <= cutoff or n < 2:
+        return _fib(n)
+    return self.replace(chord([fib_tree.s(n - 1, cutoff), fib_tree.s(n - 2, cutoff)], xsum.s()))
+
+
+# -- PostgreSQL: native.pg_bulk_insert through SQLAlchemy, as a Flask app's task typically does it ---------
+# Same configuration as celeriac: DATABASE_URL (libpq URI or keyword string) and CELERIAC_PG_TABLES. The
+# engine is created on first use, so in the pool child, after the fork. (Only the insert has a fallback.)
+
+_pg_engine = None
+_pg_tables = {}
+
+
+def _pg_table(name):
+    """The reflected sqlalchemy Table for an allow-listed name ("t" or "schema.t")."""
+    global _pg_engine
+    import os
+
+    import psycopg2
+    import sqlalchemy as sa
+
+    allowed = {t.strip() for t in (os.environ.get("CELERIAC_PG_TABLES") or "").split(",") if t.strip()}
+    if not isinstance(name, str) or name not in allowed:
+        raise PermissionError(f"table {name!r} is not in this worker's allow-list (CELERIAC_PG_TABLES)")
+    if _pg_engine is None:
+        dsn = os.environ.get("DATABASE_URL") or ""
+        _pg_engine = sa.create_engine("postgresql+psycopg2://", creator=lambda: psycopg2.connect(dsn))
+    if name not in _pg_tables:
+        schema, _, table = name.rpartition(".")
+        _pg_tables[name] = sa.Table(table, sa.MetaData(), schema=schema or None, autoload_with=_pg_engine)
+    return _pg_tables[name]
+
+
+@app.task(name="native.pg_bulk_insert", shared=False)
+def pg_bulk_insert(table, columns, rows):
+    import sqlalchemy as sa
+
+    t = _pg_table(table)
+    for i, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(f"rows[{i}]: expected {len(columns)} values (one per column), got {len(row)}")
+    with _pg_engine.begin() as conn:
+        conn.execute(sa.insert(t), [dict(zip(columns, row)) for row in rows])
+    return len(rows)

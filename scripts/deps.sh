@@ -3,15 +3,18 @@
 # Usage: scripts/deps.sh build|demo|test|bench
 set -euo pipefail
 
-build_pkgs="cmake make gcc pkg-config libhiredis-dev libjansson-dev"
+build_pkgs="cmake make gcc pkg-config libhiredis-dev libjansson-dev libpq-dev"
 run_pkgs="redis-server python3 python3-celery python3-redis"
 test_pkgs="libcmocka-dev python3-pytest"
+# PostgreSQL for the db/ tasks: a private server (initdb), psycopg2 to check what landed; SQLAlchemy for the bench.
+pg_pkgs="postgresql python3-psycopg2"
+bench_pkgs="python3-sqlalchemy"
 
 case "${1:-build}" in
   build) want="$build_pkgs" ;;
   demo)  want="$build_pkgs $run_pkgs" ;;
-  test)  want="$build_pkgs $run_pkgs $test_pkgs" ;;
-  bench) want="$build_pkgs $run_pkgs" ;;
+  test)  want="$build_pkgs $run_pkgs $test_pkgs $pg_pkgs" ;;
+  bench) want="$build_pkgs $run_pkgs $pg_pkgs $bench_pkgs" ;;
   *) echo "usage: $0 build|demo|test|bench" >&2; exit 2 ;;
 esac
 

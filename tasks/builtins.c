@@ -346,3 +346,36 @@ enum task_outcome task_builtin_crash(struct task_ctx *ctx, json_t *args, json_t 
     }
     return task_fail(ctx, "ValueError", "crash() argument must be 'segfault', 'abort' or 'exit', not '%s'", how);
 }
+
+enum task_outcome task_builtin_retry_n(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
+{
+    (void)kwargs;
+    long long n, max_retries = -1; /* None: no limit, as in Celery */
+    json_t *max = json_array_get(args, 1);
+    if (!as_int(json_array_get(args, 0), &n) || (!json_is_null(max) && !as_int(max, &max_retries)))
+        return task_fail(ctx, "TypeError", "retry_n() arguments must be integers");
+    if (ctx->retries < n)
+        return task_retry(ctx, 0.1, max_retries, NULL, NULL);
+    return succeed(ctx, result, json_integer(n));
+}
+
+/* fib(n) as a tree of tasks: each node above the cutoff hands its two halves to subtasks and its sum to a
+ * continuation, so it never waits (see "DEPENDENCIES WITHOUT WAITING" in task.h). */
+enum task_outcome task_builtin_fib_tree(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
+{
+    (void)kwargs;
+    long long n, cutoff;
+    if (!as_int(json_array_get(args, 0), &n) || !as_int(json_array_get(args, 1), &cutoff))
+        return task_fail(ctx, "TypeError", "fib_tree() arguments must be integers");
+    if (n < 0 || n > FIB_MAX)
+        return task_fail(ctx, "ValueError", "fib_tree() argument must be between 0 and %d, got %lld", FIB_MAX, n);
+    if (n <= cutoff || n < 2) {
+        long long f = fib_watched((int)n, ctx);
+        if (f < 0)
+            return soft_limit_failure(ctx);
+        return succeed(ctx, result, json_integer(f));
+    }
+    task_subtask(ctx, "native.fib_tree", json_pack("[I, I]", n - 1, cutoff), NULL);
+    task_subtask(ctx, "native.fib_tree", json_pack("[I, I]", n - 2, cutoff), NULL);
+    return task_continue_with(ctx, "native.xsum", NULL);
+}

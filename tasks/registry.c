@@ -2,6 +2,8 @@
  * name (a unit test checks the order, which task_registry_find's binary search relies on). */
 #include "task.h"
 
+#include "db.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,8 +12,20 @@ static const struct task_def registry[] = {
     {"native.echo", task_builtin_echo, "*args, **kwargs", "{\"args\": args, \"kwargs\": kwargs}, values kept exactly"},
     {"native.fail", task_builtin_fail, "message", "fails with ValueError(message)"},
     {"native.fib", task_builtin_fib, "n", "the n-th Fibonacci number by naive recursion, 0 <= n <= 92"},
+    {"native.fib_tree", task_builtin_fib_tree, "n, cutoff",
+     "fib(n) as a tree of subtasks above the cutoff, joined without waiting (continuations)"},
     {"native.incr", task_builtin_incr, "key", "INCR key in the broker's Redis database, returns the new value"},
     {"native.noop", task_builtin_noop, "", "does nothing, returns None"},
+    {"native.pg_aggregate", db_task_aggregate, "table, group_by, column",
+     "[[group, count, sum, min, max], ...] of column per group, computed by PostgreSQL"},
+    {"native.pg_bulk_delete", db_task_bulk_delete, "table, key_columns, keys",
+     "deletes the rows whose key_columns match one of keys, in one transaction; returns the count"},
+    {"native.pg_bulk_insert", db_task_bulk_insert, "table, columns, rows",
+     "inserts rows through COPY, in one transaction; returns the count"},
+    {"native.pg_bulk_upsert", db_task_bulk_upsert, "table, columns, rows, key_columns",
+     "INSERT ... ON CONFLICT (key_columns) DO UPDATE of rows via COPY; returns {inserted, updated}"},
+    {"native.retry_n", task_builtin_retry_n, "n, max_retries=3",
+     "retries itself (0.1 s countdown) until its retries reach n, then returns n"},
     {"native.sleep_ms", task_builtin_sleep_ms, "ms", "sleeps ms milliseconds, returns ms"},
     {"native.xsum", task_builtin_xsum, "values", "the sum of a list of numbers"},
 };

@@ -57,6 +57,65 @@ void task_ctx_reset(struct task_ctx *ctx)
     free(ctx->exc_message);
     ctx->exc_message = NULL;
     ctx->exc_type[0] = '\0';
+    json_decref(ctx->subtasks);
+    ctx->subtasks = NULL;
+    json_decref(ctx->continuation);
+    ctx->continuation = NULL;
+}
+
+enum task_outcome task_retry(struct task_ctx *ctx, double countdown, long long max_retries, const char *exc_type,
+                             const char *fmt, ...)
+{
+    free(ctx->exc_message);
+    ctx->exc_message = NULL;
+    ctx->exc_type[0] = '\0';
+    if (exc_type)
+        snprintf(ctx->exc_type, sizeof ctx->exc_type, "%s", exc_type);
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        if (vasprintf(&ctx->exc_message, fmt, ap) < 0)
+            die_oom();
+        va_end(ap);
+    }
+    ctx->retry_countdown = countdown > 0 ? countdown : 0;
+    ctx->retry_max = max_retries;
+    return TASK_RETRY;
+}
+
+static json_t *signature_new(const char *name, json_t *args, json_t *kwargs)
+{
+    return json_pack("{s:s, s:o, s:o, s:{}, s:n, s:b}", "task", name, "args", args ? args : json_array(), "kwargs",
+                     kwargs ? kwargs : json_object(), "options", "subtask_type", "immutable", 0);
+}
+
+int task_subtask(struct task_ctx *ctx, const char *name, json_t *args, json_t *kwargs)
+{
+    if (!name || (args && !json_is_array(args)) || (kwargs && !json_is_object(kwargs))) {
+        json_decref(args);
+        json_decref(kwargs);
+        return -1;
+    }
+    json_t *sig = signature_new(name, args, kwargs); /* steals args and kwargs, even on failure */
+    if (!sig)
+        die_oom();
+    if (!ctx->subtasks)
+        ctx->subtasks = json_array();
+    json_array_append_new(ctx->subtasks, sig);
+    return 0;
+}
+
+enum task_outcome task_continue_with(struct task_ctx *ctx, const char *name, json_t *extra_args)
+{
+    if (extra_args && !json_is_array(extra_args)) {
+        json_decref(extra_args);
+        extra_args = NULL;
+    }
+    json_decref(ctx->continuation);
+    ctx->continuation = signature_new(name, extra_args, NULL);
+    if (!ctx->continuation)
+        die_oom();
+    return TASK_REPLACED;
 }
 
 const char *task_pytype(const json_t *value)
@@ -250,6 +309,11 @@ static enum task_outcome call_task(const struct task_def *task, struct task_ctx 
                                    json_t **result)
 {
     enum task_outcome out = task->fn(ctx, args, kwargs, result);
+    if (out == TASK_RETRY || (out == TASK_REPLACED && ctx->continuation)) {
+        json_decref(*result);
+        *result = NULL;
+        return out;
+    }
     if (out != TASK_SUCCESS) {
         json_decref(*result);
         *result = NULL;
@@ -386,4 +450,9 @@ out:
     json_decref(extra_kw);
     json_decref(empty_args);
     return out;
+}
+
+int task_update_state(struct task_ctx *ctx, const char *state, json_t *meta)
+{
+    return ctx->update_state ? ctx->update_state(ctx, state, meta) : -1;
 }

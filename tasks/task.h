@@ -19,6 +19,8 @@ struct redisContext;
 enum task_outcome {
     TASK_SUCCESS = 0,
     TASK_FAILURE = 1, /* the context carries exc_type and exc_message (see task_fail) */
+    TASK_RETRY = 2,   /* asked for a retry (see task_retry) */
+    TASK_REPLACED = 3 /* handed its result over to a continuation (see task_continue_with) */
 };
 
 struct task_ctx {
@@ -44,6 +46,19 @@ struct task_ctx {
      * `return task_fail(ctx, "SoftTimeLimitExceeded", ...)`; the worker fails it that way anyway if it
      * returns after the limit without noticing. NULL when the task has no soft limit. */
     volatile sig_atomic_t *soft_limit_flag;
+
+    /* Stores a custom state such as "PROGRESS" with meta while the task runs (Celery's update_state); see
+     * task_update_state. NULL when the worker has no result backend. */
+    int (*update_state)(struct task_ctx *ctx, const char *state, json_t *meta);
+
+    /* Set by task_retry. */
+    double retry_countdown;
+    long long retry_max; /* -1: no limit */
+
+    /* Set by task_subtask and task_continue_with; owned, released by task_ctx_reset. subtasks is an array of
+     * Celery signatures ({"task", "args", "kwargs", "options", "subtask_type", "immutable"}). */
+    json_t *subtasks;
+    json_t *continuation;
 };
 
 /* The bound-argument calling convention: `args` is an array holding one value per declared positional
@@ -63,13 +78,44 @@ struct task_def {
  * printf-formatted. */
 enum task_outcome task_fail(struct task_ctx *ctx, const char *exc_type, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Asks to run again later, as Celery's Task.retry: returns TASK_RETRY, which the task returns. The worker sends
+ * the same message again under the same id with retries + 1 and an eta `countdown` seconds ahead, and stores
+ * state RETRY. When ctx->retries has reached max_retries (-1: no limit) there is no retry: the task fails with
+ * exc_type(message) if one is given, else with MaxRetriesExceededError, as Celery does. exc_type may be NULL
+ * (no exception: a plain retry); the message is printf-formatted (fmt may be NULL). */
+enum task_outcome task_retry(struct task_ctx *ctx, double countdown, long long max_retries, const char *exc_type,
+                             const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* DEPENDENCIES WITHOUT WAITING. A task that needs the results of other tasks never waits for them: it
+ * declares them with task_subtask, then ends with `return task_continue_with(ctx, "native.xsum", extra)`.
+ * The worker sends the subtasks as the header of a chord whose body is the continuation, running under THIS
+ * task's id (and inheriting its group, chord, chain and callbacks, as Celery's Task.replace does); the body
+ * receives [[r0, r1, ...], *extra] once every subtask has finished, and its result is the one a client
+ * waiting on this task gets. No pool slot is held while the subtasks run, so with any number of processes
+ * (even -c 1) every task that starts runs to its end without waiting for another: the tree of tasks is
+ * finished by whichever process is free, and cannot deadlock, unlike a task blocking on .get().
+ * Subtasks may be native or Python tasks (by name); so may the continuation. */
+
+/* Declares a subtask: name (copied), args (array) and kwargs (object) stolen, NULL for empty.
+ * Returns 0, or -1 on a bad argument (the references are released anyway). */
+int task_subtask(struct task_ctx *ctx, const char *name, json_t *args, json_t *kwargs);
+/* Ends the task with a continuation (see above): name copied, extra_args (array or NULL) stolen.
+ * Returns TASK_REPLACED, which the task returns. */
+enum task_outcome task_continue_with(struct task_ctx *ctx, const char *name, json_t *extra_args);
+
 /* Whether the soft time limit has passed: cheap enough to call in an inner loop. */
 static inline bool task_soft_time_limit_exceeded(const struct task_ctx *ctx)
 {
     return ctx->soft_limit_flag && *ctx->soft_limit_flag;
 }
 
-/* Releases what task_fail stored, leaving the request fields alone. */
+/* Stores state (e.g. "PROGRESS") with meta (any JSON, borrowed; NULL is null) as the task's current result,
+ * as Celery's Task.update_state does: a client sees it in AsyncResult.state / .info until the task ends.
+ * Returns 0 once stored, -1 when it could not be (no result backend, Redis unreachable): progress is
+ * best-effort, so a task normally goes on either way. */
+int task_update_state(struct task_ctx *ctx, const char *state, json_t *meta);
+
+/* Releases what task_fail, task_subtask and task_continue_with stored, leaving the request fields alone. */
 void task_ctx_reset(struct task_ctx *ctx);
 
 /* The registry: built-in tasks. Returns NULL for an unknown name. */
@@ -115,6 +161,8 @@ enum task_outcome task_builtin_sleep_ms(struct task_ctx *ctx, json_t *args, json
 enum task_outcome task_builtin_fail(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
 enum task_outcome task_builtin_xsum(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
 enum task_outcome task_builtin_incr(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_retry_n(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
+enum task_outcome task_builtin_fib_tree(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
 enum task_outcome task_builtin_crash(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result);
 
 /* Registers native.crash (off by default: `celeriac worker --enable-test-tasks`). Call before forking. */

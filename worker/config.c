@@ -73,8 +73,18 @@ static const struct option_spec options[] = {
      "hard time limit: a task running longer is killed, FAILURE TimeLimitExceeded [default: none]"},
     {"soft-time-limit", 0, OPT_DOUBLE, FIELD(soft_time_limit), NULL, NULL, "SECONDS",
      "soft time limit: the task is told and fails with SoftTimeLimitExceeded [default: none]"},
+    {"max-eta-reserved", 0, OPT_LONG, FIELD(max_eta_reserved), NULL, "1000", "N",
+     "ETA/countdown tasks held in memory at most; more go back to the queue until there is room (0: no cap)"},
+    {"default-queue", 0, OPT_STRING, FIELD(default_queue), NULL, "celery", "QUEUE",
+     "where tasks this worker sends on (chains, callbacks) go when they are not native here and name no queue "
+     "(Celery's task_default_queue)"},
     {"result-expires", 0, OPT_LONG, FIELD(result_expires), NULL, "86400", "SECONDS",
      "seconds results are kept; 0 keeps them forever"},
+    {"database-url", 0, OPT_STRING, FIELD(database_url), "DATABASE_URL", NULL, "URL",
+     "PostgreSQL for the native.pg_* tasks: postgresql://user:password@host:port/db or 'host=... dbname=...' "
+     "[default: libpq's PG* variables]"},
+    {"pg-tables", 0, OPT_STRING, FIELD(pg_tables), "CELERIAC_PG_TABLES", NULL, "TABLE[,TABLE...]",
+     "tables (name or schema.name) the native.pg_* tasks may touch [default: none]"},
     {"help", 0, OPT_HELP, 0, NULL, NULL, NULL, "show this help and exit"},
     {"version", 0, OPT_VERSION, 0, NULL, NULL, NULL, "show the version and exit"},
 };
@@ -617,5 +627,8 @@ void config_clear(struct config *c)
     free(c->node_name);
     free(c->broker_url);
     free(c->result_backend);
+    free(c->database_url);
+    free(c->pg_tables);
+    free(c->default_queue);
     memset(c, 0, sizeof *c);
 }

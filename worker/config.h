@@ -58,7 +58,12 @@ struct config {
     bool enable_test_tasks;     /* --enable-test-tasks: native.crash */
     double time_limit;          /* --time-limit seconds, 0 = none; a message's timelimit header wins */
     double soft_time_limit;     /* --soft-time-limit seconds, 0 = none; likewise */
+    long max_eta_reserved;      /* --max-eta-reserved [1000]: ETA tasks held at most, 0 = no cap (stock Celery) */
+    char *default_queue;        /* --default-queue ["celery"]: Celery's task_default_queue, see canvas.h */
     long result_expires;        /* --result-expires seconds [86400]; 0 = never expire (SET instead of SETEX) */
+    char *database_url;         /* --database-url, else $DATABASE_URL: libpq URI or keyword string [NULL: libpq's
+                                 * defaults]; checked by db_configure, not here, and never logged unredacted */
+    char *pg_tables;            /* --pg-tables, else $CELERIAC_PG_TABLES: tables the db tasks may touch [none] */
 };
 
 enum config_outcome {

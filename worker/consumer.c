@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -29,6 +30,8 @@ struct job {
     uint64_t seq;
     double cost;                      /* expected runtime when dispatched (seconds) */
     double hard_limit;                /* seconds, 0: none (the message's timelimit, else --time-limit) */
+    double eta;                       /* epoch seconds before which it must not run; 0: at once */
+    double expires;                   /* epoch seconds after which it is revoked, not run; INFINITY: never */
     bool acked;
     bool requeued;
     struct job *next;                 /* in the ready list or in its child's list */
@@ -37,6 +40,12 @@ struct job {
 struct job_list {
     struct job *head, *tail;
     int len;
+};
+
+/* ETA jobs waiting for their time, as a binary min-heap on eta (v[0] is due first). Owns the jobs. */
+struct eta_heap {
+    struct job **v;
+    size_t n, cap;
 };
 
 struct child_state {
@@ -52,10 +61,23 @@ struct child_state {
 #define COST_UNKNOWN 0.002 /* a task never seen is assumed long: handed only to an idle child */
 #define DISPATCH_HORIZON 0.002 /* queue to a busy child only while its backlog is shorter than this */
 #define CHILD_QUEUE_MAX 256
+
 struct cost_slot {
     char *name; /* owned */
     double avg;
 };
+
+/* ETA tasks over --max-eta-reserved go back to their queue. Fetching goes on meanwhile (the tasks queued
+ * behind them must still run), so the worker scans through the queue, returning each over-cap ETA task once;
+ * a scan is over when the first message it returned comes back (or, should another worker have taken that
+ * one, after ETA_SCAN_MAX messages). Then fetching pauses, so that a queue of nothing but future tasks is not
+ * cycled in a hot loop: for at least ETA_PAUSE_MIN, and for ETA_PAUSE_RATIO times as long as the scan took,
+ * so that rescanning a huge backlog costs at most a fifth of the time. A held ETA job leaving (due) ends the
+ * ETA_PAUSE_MIN part early, since there is room again. Trade-off: a task published during a pause waits up to
+ * about a second longer while the ETA backlog exceeds the cap. */
+#define ETA_SCAN_MAX 10000
+#define ETA_PAUSE_MIN 1.0
+#define ETA_PAUSE_RATIO 4.0
 
 struct consumer {
     const struct config *cfg;
@@ -68,6 +90,14 @@ struct consumer {
     struct child_state *children;
 
     struct job_list ready; /* decoded, waiting for a child */
+    struct eta_heap eta;   /* ETA jobs not yet due (unacked, but not counted in `held`: stock Celery raises its
+                            * prefetch count by one for each, so they do not hold up the queue) */
+    char *scan_mark;       /* owned: tag of the first over-cap ETA message returned in this scan, or NULL */
+    long scan_returned;    /* messages returned to the queue in this scan */
+    double scan_started;   /* epoch seconds of the first of them */
+    double fetch_paused_until; /* epoch seconds: no fetch before this (a scan just went round) */
+    double fetch_resume_min;   /* the part of that pause a due ETA job does not cut short */
+    bool cap_warned;       /* the "cap reached" warning has been logged */
     struct cost_slot costs[COST_SLOTS];
     int held;              /* fetched and not yet acked or requeued: what prefetch bounds */
     int prefetch;
@@ -125,6 +155,73 @@ static struct job *list_pop(struct job_list *l)
     l->len--;
     j->next = NULL;
     return j;
+}
+
+static bool eta_before(const struct job *a, const struct job *b)
+{
+    return a->eta < b->eta || (a->eta == b->eta && a->seq < b->seq); /* ties: in arrival order */
+}
+
+static void eta_sift_up(struct eta_heap *h, size_t i)
+{
+    while (i > 0 && eta_before(h->v[i], h->v[(i - 1) / 2])) {
+        struct job *t = h->v[i];
+        h->v[i] = h->v[(i - 1) / 2];
+        h->v[(i - 1) / 2] = t;
+        i = (i - 1) / 2;
+    }
+}
+
+static void eta_sift_down(struct eta_heap *h, size_t i)
+{
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < h->n && eta_before(h->v[l], h->v[m]))
+            m = l;
+        if (r < h->n && eta_before(h->v[r], h->v[m]))
+            m = r;
+        if (m == i)
+            return;
+        struct job *t = h->v[i];
+        h->v[i] = h->v[m];
+        h->v[m] = t;
+        i = m;
+    }
+}
+
+/* Takes ownership of j. */
+static void eta_push(struct eta_heap *h, struct job *j)
+{
+    if (h->n == h->cap) {
+        h->cap = h->cap ? h->cap * 2 : 64;
+        h->v = realloc(h->v, h->cap * sizeof *h->v);
+        if (!h->v)
+            abort();
+    }
+    h->v[h->n++] = j;
+    eta_sift_up(h, h->n - 1);
+}
+
+/* Removes the job at index i and gives it to the caller. */
+static struct job *eta_remove(struct eta_heap *h, size_t i)
+{
+    struct job *j = h->v[i];
+    h->v[i] = h->v[--h->n];
+    if (i < h->n) {
+        eta_sift_down(h, i);
+        eta_sift_up(h, i);
+    }
+    return j;
+}
+
+/* Index of the job due last: one of the leaves of a min-heap. h must not be empty. */
+static size_t eta_latest(const struct eta_heap *h)
+{
+    size_t best = h->n / 2;
+    for (size_t i = best + 1; i < h->n; i++)
+        if (eta_before(h->v[best], h->v[i]))
+            best = i;
+    return best;
 }
 
 static void job_free(struct job *j)
@@ -242,12 +339,145 @@ static void fail_job(struct consumer *c, struct job *j, const char *exc_type, co
         struct buf tb = {0};
         if (with_traceback)
             result_traceback(&tb, j->req.task.s ? j->req.task.s : "?", exc_type, message);
-        struct result_meta meta = {j->req.id.s, j->req.group.s, j->req.parent_id.s};
+        struct result_meta meta = {.task_id = j->req.id.s, .group_id = j->req.group.s,
+                                   .parent_id = j->req.parent_id.s};
         result_doc_exception(&doc, &meta, "FAILURE", exc_type, message, tb.data, epoch_now());
         buf_free(&tb);
     }
     store_doc(c, j, j->req.id.s, doc.data, doc.len);
     buf_free(&doc);
+}
+
+static void log_received(const struct job *j)
+{
+    if (log_enabled(LOG_INFO)) {
+        char label[256];
+        job_label(j, label, sizeof label);
+        log_info("Task %s received", label);
+    }
+}
+
+/* Settles a job whose `expires` has passed without running it, as stock Celery's Request.revoked() does:
+ * REVOKED with TaskRevokedError("expired") and a null traceback, then acked. j must be counted in held. */
+static void revoke_expired(struct consumer *c, struct job *j)
+{
+    char label[256];
+    job_label(j, label, sizeof label);
+    log_info("Discarding revoked task: %s", label);
+    struct buf doc = {0};
+    if (j->req.id.s) { /* even with ignore_result: stock stores errors unless the *task* ignores results */
+        struct result_meta meta = {.task_id = j->req.id.s, .group_id = j->req.group.s,
+                                   .parent_id = j->req.parent_id.s};
+        result_doc_exception(&doc, &meta, "REVOKED", "TaskRevokedError", "expired", NULL, epoch_now());
+    }
+    store_doc(c, j, j->req.id.s, doc.data, doc.len);
+    buf_free(&doc);
+}
+
+/* Reads the eta and expires headers into j. An empty string means none, as Celery's maybe_iso8601 has it.
+ * A time that cannot be read makes the stock worker raise InvalidTaskError (worker/request.py), log the
+ * message and reject it without a result; here the job is failed with InvalidTaskError (the same wording) so
+ * that the client's get() does not wait forever, and acked. Returns 0, or -1 when j was settled. */
+static int job_read_times(struct consumer *c, struct job *j)
+{
+    const struct msg_str *fields[] = {&j->req.eta, &j->req.expires};
+    double *out[] = {&j->eta, &j->expires};
+    const char *names[] = {"ETA", "expires"};
+    for (size_t i = 0; i < 2; i++) {
+        if (!fields[i]->s || !fields[i]->len)
+            continue;
+        double t = msg_parse_time(fields[i]->s, fields[i]->len);
+        if (t >= 0) {
+            *out[i] = t;
+            continue;
+        }
+        struct buf repr = {0}, message = {0};
+        result_repr_str(&repr, fields[i]->s, fields[i]->len < 100 ? fields[i]->len : 100); /* peer-sized */
+        buf_printf(&message, "invalid %s value %s: unable to parse date string %s", names[i], repr.data,
+                   repr.data);
+        log_error("Received invalid task message: %s\nThe message has been ignored and discarded.", message.data);
+        fail_job(c, j, "InvalidTaskError", message.data, true);
+        buf_free(&repr);
+        buf_free(&message);
+        return -1;
+    }
+    return 0;
+}
+
+/* Messages returned to the queue by the ETA cap: see ETA_SCAN_MAX. Called for every delivery (tag borrowed),
+ * before it is handled: the scan is over when its first returned message comes round again. */
+static void eta_scan_check(struct consumer *c, const char *tag)
+{
+    if (!c->scan_mark || (strcmp(tag, c->scan_mark) != 0 && c->scan_returned < ETA_SCAN_MAX))
+        return;
+    double now = epoch_now(), took = now - c->scan_started;
+    c->fetch_resume_min = now + ETA_PAUSE_RATIO * took;
+    c->fetch_paused_until = now + fmax(ETA_PAUSE_MIN, ETA_PAUSE_RATIO * took);
+    log_debug("Returned %ld ETA task(s) over --max-eta-reserved to their queues in %.3fs; next look in %.3fs",
+              c->scan_returned, took, c->fetch_paused_until - now);
+    free(c->scan_mark);
+    c->scan_mark = NULL;
+    c->scan_returned = 0;
+}
+
+/* An ETA job the cap leaves no room for: back to its queue, unchanged, behind what is queued now. Frees j,
+ * which must not be counted in held. */
+static void eta_return(struct consumer *c, struct job *j)
+{
+    if (!c->cap_warned) {
+        log_warning("%zu ETA tasks are held (--max-eta-reserved); the ones due later stay in their queues until "
+                    "there is room", c->eta.n);
+        c->cap_warned = true;
+    }
+    broker_defer(c->broker, j->delivery);
+    if (!c->scan_mark) {
+        c->scan_mark = strdup(j->delivery->tag);
+        if (!c->scan_mark)
+            abort();
+        /* Returned in the fetch that ended the last scan, it starts this one, which only goes on once the
+         * pause is over: the time spent waiting is not time spent scanning. */
+        c->scan_started = fmax(epoch_now(), c->fetch_paused_until);
+    }
+    c->scan_returned++;
+    job_free(j);
+}
+
+/* Holds a job whose eta is in the future until it is due, without counting it against prefetch. With the cap
+ * reached, the job due last (this one or a held one) goes back to the queue, so the worker always holds the
+ * ones due first. Takes ownership of j (counted in held when called). */
+static void eta_hold(struct consumer *c, struct job *j)
+{
+    c->held--;
+    long cap = c->cfg->max_eta_reserved;
+    if (cap > 0 && c->eta.n >= (size_t)cap) {
+        size_t last = eta_latest(&c->eta);
+        if (eta_before(j, c->eta.v[last])) {
+            struct job *out = eta_remove(&c->eta, last);
+            log_received(j);
+            eta_push(&c->eta, j);
+            j = out;
+        }
+        eta_return(c, j); /* not logged as received: it comes round again at every scan */
+        return;
+    }
+    log_received(j);
+    eta_push(&c->eta, j);
+}
+
+/* Moves the held ETA jobs that are due to the ready list (where they count against prefetch like any other),
+ * revoking the ones that expired while they waited. */
+static void eta_release(struct consumer *c, double now)
+{
+    while (c->eta.n && c->eta.v[0]->eta <= now) {
+        struct job *j = eta_remove(&c->eta, 0);
+        c->held++;
+        if (c->fetch_paused_until > c->fetch_resume_min)
+            c->fetch_paused_until = c->fetch_resume_min; /* room for one more: look at the queue again */
+        if (now > j->expires)
+            revoke_expired(c, j);
+        else
+            list_push(&c->ready, j);
+    }
 }
 
 /* ------------------------------------------------------------------ broker events */
@@ -260,7 +490,9 @@ static void on_deliver(void *arg, struct broker_delivery *d)
         abort();
     j->delivery = d;
     j->seq = ++c->next_seq;
+    j->expires = INFINITY;
     c->held++;
+    eta_scan_check(c, d->tag);
     if (c->stopping) {
         /* Fetched after the shutdown began: straight back where it came from. */
         broker_requeue(c->broker, d);
@@ -283,12 +515,18 @@ static void on_deliver(void *arg, struct broker_delivery *d)
         fail_job(c, j, "NotRegistered", j->req.task.s, false);
         return;
     }
-    if (log_enabled(LOG_INFO)) {
-        char label[256];
-        job_label(j, label, sizeof label);
-        log_info("Task %s received", label);
+    if (job_read_times(c, j) < 0)
+        return;
+    double now = epoch_now();
+    if (j->eta > now && now <= j->expires) {
+        eta_hold(c, j);
+        return;
     }
-    list_push(&c->ready, j);
+    log_received(j);
+    if (now > j->expires)
+        revoke_expired(c, j);
+    else
+        list_push(&c->ready, j);
 }
 
 /* ------------------------------------------------------------------ pool events */
@@ -354,7 +592,8 @@ static void on_child_exit(void *arg, int child, int status)
         snprintf(message, sizeof message, "TimeLimitExceeded(%g,)", running->hard_limit);
         result_traceback(&tb, running->req.task.s, "TimeLimitExceeded", message);
         json_t *args = json_pack("[f]", running->hard_limit);
-        struct result_meta meta = {running->req.id.s, running->req.group.s, running->req.parent_id.s};
+        struct result_meta meta = {.task_id = running->req.id.s, .group_id = running->req.group.s,
+                                   .parent_id = running->req.parent_id.s};
         if (running->req.id.s)
             result_doc_exception_args(&doc, &meta, "FAILURE", "TimeLimitExceeded", args, tb.data, epoch_now());
         json_decref(args);
@@ -431,8 +670,13 @@ static int enforce_time_limits(struct consumer *c)
 static void dispatch(struct consumer *c)
 {
     int n = pool_size(c->pool);
+    double now = epoch_now();
     while (c->ready.len) {
         struct job *j = c->ready.head;
+        if (now > j->expires) { /* it may have waited here, behind a backlog, past its expiry */
+            revoke_expired(c, list_pop(&c->ready));
+            continue;
+        }
         double cost = expected_cost(c, j->req.task.s);
         int best = -1;
         for (int i = 0; i < n; i++) {
@@ -454,7 +698,8 @@ static void dispatch(struct consumer *c)
             job_ack(c, j); /* early ack: the pool has accepted it */
         if (c->cfg->track_started && c->backend && j->req.id.s && !j->req.ignore_result) {
             struct buf doc = {0};
-            struct result_meta meta = {j->req.id.s, j->req.group.s, j->req.parent_id.s};
+            struct result_meta meta = {.task_id = j->req.id.s, .group_id = j->req.group.s,
+                                       .parent_id = j->req.parent_id.s};
             result_doc_started(&doc, &meta, (int)pool_child_pid(c->pool, best), c->cfg->node_name);
             store_doc(c, NULL, j->req.id.s, doc.data, doc.len);
             buf_free(&doc);
@@ -497,6 +742,16 @@ static void begin_warm_shutdown(struct consumer *c)
 {
     c->stopping = true;
     log_warning("worker: Warm shutdown (MainProcess)");
+    /* Held ETA jobs go back too, as stock Celery restores them (they were never counted in held); first, so
+     * that the prefetched ones, which are due now, end up nearest the consuming end. */
+    size_t held_eta = c->eta.n;
+    while (c->eta.n) {
+        struct job *e = eta_remove(&c->eta, c->eta.n - 1);
+        broker_requeue(c->broker, e->delivery);
+        job_free(e);
+    }
+    if (held_eta)
+        log_info("Restored %zu ETA message(s) to their queues", held_eta);
     /* Back in reverse order, each to the consuming end, so the queue hands them out in the original order. */
     int n = c->ready.len, i = 0;
     struct job **all = calloc((size_t)n + 1, sizeof *all);
@@ -518,7 +773,10 @@ static bool busy(const struct consumer *c)
     for (int i = 0; i < pool_size(c->pool); i++)
         if (c->children[i].jobs.len)
             return true;
-    return c->stores_in_flight > 0 || broker_fetch_in_flight(c->broker) > 0 || c->ready.len > 0;
+    /* broker_pending: requeues of a warm shutdown (up to --max-eta-reserved held ETA messages) may be more than
+     * the socket takes at once; leaving before they are written would leave them to the visibility timeout. */
+    return c->stores_in_flight > 0 || broker_fetch_in_flight(c->broker) > 0 || c->ready.len > 0 ||
+           broker_pending(c->broker) > 0;
 }
 
 int consumer_run(const struct config *cfg)
@@ -551,7 +809,10 @@ int consumer_run(const struct config *cfg)
                                 cfg->node_name,
                                 &c->broker_ep,
                                 cfg->result_backend && !cfg->track_started ? &c->backend_ep : NULL,
-                                cfg->result_expires};
+                                cfg->result_expires,
+                                cfg->result_backend ? &c->backend_ep : NULL,
+                                cfg->queues[0],
+                                cfg->default_queue};
     struct pool_handlers ph = {on_result, on_child_exit};
     c->pool = pool_start(&popt, &ph, c, err, sizeof err);
     if (!c->pool) {
@@ -598,11 +859,14 @@ int consumer_run(const struct config *cfg)
         if (c->stopping && !busy(c))
             break;
 
+        double now = epoch_now();
+        if (!c->stopping)
+            eta_release(c, now);
         dispatch(c);
         /* The whole budget in one fetch (splitting it measured slower); a second fetch can go out while one
          * is in flight when early acks have freed budget meanwhile. */
         int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
-        if (!c->stopping && budget > 0 && broker_should_fetch(c->broker))
+        if (!c->stopping && budget > 0 && now >= c->fetch_paused_until && broker_should_fetch(c->broker))
             broker_fetch(c->broker, budget);
         pool_flush(c->pool);
         broker_flush(c->broker);
@@ -624,8 +888,18 @@ int consumer_run(const struct config *cfg)
         nfds += pool_pollfds(c->pool, fds + nfds, 256);
         int pcount = nfds - pfirst;
 
-        double now = epoch_now();
+        now = epoch_now();
         int timeout = broker_next_tick_ms(c->broker, now);
+        double wake = INFINITY; /* the next held ETA job due, or the end of a fetch pause */
+        if (c->eta.n && !c->stopping)
+            wake = c->eta.v[0]->eta;
+        if (c->fetch_paused_until > now && c->fetch_paused_until < wake)
+            wake = c->fetch_paused_until;
+        if (wake < INFINITY) {
+            double ms = ceil((wake - now) * 1000.0);
+            if (ms < timeout)
+                timeout = ms < 0 ? 0 : (int)ms;
+        }
         if (c->backend) {
             int bt = backend_next_tick_ms(c->backend, now);
             timeout = bt < timeout ? bt : timeout;
@@ -682,6 +956,11 @@ out:
     struct job *j;
     while ((j = list_pop(&c->ready)))
         job_free(j);
+    /* Cold shutdown: not requeued, so their unacked records stay for the visibility timeout. */
+    for (size_t i = 0; i < c->eta.n; i++)
+        job_free(c->eta.v[i]);
+    free(c->eta.v);
+    free(c->scan_mark);
     backend_close(c->backend);
     broker_close(c->broker);
     free(c->children);

@@ -10,7 +10,10 @@
 #include <errno.h>
 #include <time.h>
 
+#include "canvas.h"
+#include "log.h"
 #include "message.h"
+#include "outgoing.h"
 #include "result.h"
 #include "task.h"
 
@@ -25,27 +28,58 @@ static void on_soft_limit(int sig)
 }
 
 struct executor {
-    double soft_time_limit;
-    const char *hostname;
-    const struct broker_endpoint *redis; /* NULL: tasks get no Redis */
-    redisContext *conn;                  /* opened on first use, reopened after an error */
-    char last_id[256];                   /* the id of the message last run */
+    struct executor_options opt;
+    redisContext *conn;         /* the broker's Redis: opened on first use, reopened after an error */
+    redisContext *backend_conn; /* the result backend: the same */
+    struct canvas_env canvas;
+    char last_id[256];          /* the id of the message last run */
+    const struct msg_request *current; /* the request being run (for update_state), else NULL */
 };
 
-struct executor *executor_new(const char *hostname, const struct broker_endpoint *redis, double soft_time_limit)
+/* A blocking connection kept in *slot, reopened when the last one broke. */
+static redisContext *connection(redisContext **slot, const struct broker_endpoint *ep, char *err, size_t errlen)
+{
+    if (*slot && (*slot)->err) {
+        redisFree(*slot);
+        *slot = NULL;
+    }
+    if (!*slot && ep)
+        *slot = broker_connect_blocking(ep, 5000, err, errlen);
+    else if (!ep)
+        snprintf(err, errlen, "no Redis configured for this");
+    return *slot;
+}
+
+static redisContext *canvas_broker(void *arg, char *err, size_t errlen)
+{
+    struct executor *ex = arg;
+    return connection(&ex->conn, ex->opt.redis, err, errlen);
+}
+
+static redisContext *canvas_backend(void *arg, char *err, size_t errlen)
+{
+    struct executor *ex = arg;
+    if (!ex->opt.backend) {
+        snprintf(err, errlen, "no result backend is configured");
+        return NULL;
+    }
+    return connection(&ex->backend_conn, ex->opt.backend, err, errlen);
+}
+
+struct executor *executor_new(const struct executor_options *opt)
 {
     struct executor *ex = calloc(1, sizeof *ex);
     if (!ex)
         abort();
-    ex->soft_time_limit = soft_time_limit;
+    ex->opt = *opt;
+    ex->canvas = (struct canvas_env){canvas_broker,     canvas_backend,     ex, opt->hostname, opt->native_queue,
+                                     opt->default_queue, opt->result_expires};
     /* No SA_RESTART: a task blocked in a system call (sleep, read) must wake up to notice the limit. */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_soft_limit;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGALRM, &sa, NULL);
-    ex->hostname = hostname;
-    ex->redis = redis;
     return ex;
 }
 
@@ -55,6 +89,8 @@ void executor_free(struct executor *ex)
         return;
     if (ex->conn)
         redisFree(ex->conn);
+    if (ex->backend_conn)
+        redisFree(ex->backend_conn);
     free(ex);
 }
 
@@ -84,21 +120,46 @@ static double monotonic(void)
 static redisContext *task_redis(struct task_ctx *ctx)
 {
     struct executor *ex = ctx->host;
-    if (!ex->redis) {
+    if (!ex->opt.redis) {
         task_fail(ctx, "ConnectionError", "this worker has no Redis for tasks (the broker is not Redis)");
         return NULL;
     }
-    if (ex->conn && ex->conn->err) {
-        redisFree(ex->conn);
-        ex->conn = NULL;
-    }
-    if (ex->conn)
-        return ex->conn;
     char err[256];
-    ex->conn = broker_connect_blocking(ex->redis, 5000, err, sizeof err);
-    if (!ex->conn)
+    redisContext *c = connection(&ex->conn, ex->opt.redis, err, sizeof err);
+    if (!c)
         task_fail(ctx, "ConnectionError", "%s", err);
-    return ex->conn;
+    return c;
+}
+
+static int task_update_state_impl(struct task_ctx *ctx, const char *state, json_t *meta)
+{
+    struct executor *ex = ctx->host;
+    const struct msg_request *req = ex->current;
+    char err[256];
+    redisContext *c = canvas_backend(ex, err, sizeof err);
+    if (!c || !state || !req->id.s)
+        return -1;
+    struct buf doc = {0};
+    struct result_meta m = {.task_id = req->id.s, .group_id = req->group.s, .parent_id = req->parent_id.s};
+    result_doc_state(&doc, &m, state, meta);
+    if (ex->opt.result_expires > 0)
+        redisAppendCommand(c, "SETEX celery-task-meta-%s %ld %b", m.task_id, ex->opt.result_expires, doc.data,
+                           doc.len);
+    else
+        redisAppendCommand(c, "SET celery-task-meta-%s %b", m.task_id, doc.data, doc.len);
+    redisAppendCommand(c, "PUBLISH celery-task-meta-%s %b", m.task_id, doc.data, doc.len);
+    buf_free(&doc);
+    int rc = 0;
+    for (int i = 0; i < 2; i++) {
+        redisReply *r = NULL;
+        if (redisGetReply(c, (void **)&r) != REDIS_OK || !r || r->type == REDIS_REPLY_ERROR)
+            rc = -1;
+        if (r)
+            freeReplyObject(r);
+        if (c->err)
+            return -1;
+    }
+    return rc;
 }
 
 static void fail_doc(struct buf *doc, struct buf *summary, const struct msg_request *req, const char *exc_type,
@@ -109,7 +170,7 @@ static void fail_doc(struct buf *doc, struct buf *summary, const struct msg_requ
     if (req->id.s) {
         struct buf tb = {0};
         result_traceback(&tb, req->task.s ? req->task.s : "?", exc_type, message);
-        struct result_meta meta = {req->id.s, req->group.s, req->parent_id.s};
+        struct result_meta meta = {.task_id = req->id.s, .group_id = req->group.s, .parent_id = req->parent_id.s};
         result_doc_exception(doc, &meta, "FAILURE", exc_type, message, tb.data, epoch_now());
         buf_free(&tb);
     }
@@ -139,6 +200,109 @@ static int body_arguments(json_t *body, json_t **args, json_t **kwargs, char *er
         return -1;
     }
     return 0;
+}
+
+static void log_canvas_error(const struct msg_request *req, const char *err)
+{
+    char label[256];
+    msg_label(req, label, sizeof label);
+    log_error("Task %s: could not send on its workflow: %s", label, err);
+}
+
+/* A failed task: its FAILURE document, then what its workflow does on failure (the rest of a chain fails,
+ * errbacks run, a chord learns of it). */
+static void finish_failure(struct executor *ex, struct buf *doc, struct buf *summary, const struct msg_request *req,
+                           const json_t *embed, const char *exc_type, const char *message)
+{
+    fail_doc(doc, summary, req, exc_type, message);
+    if (!json_is_object(embed))
+        return;
+    char err[256];
+    struct buf tb = {0};
+    result_traceback(&tb, req->task.s ? req->task.s : "?", exc_type, message);
+    if (canvas_on_failure(&ex->canvas, req, embed, exc_type, message, tb.data, err, sizeof err) < 0)
+        log_canvas_error(req, err);
+    buf_free(&tb);
+    json_t *exc = json_pack("{s:s, s:[s], s:s}", "exc_type", exc_type, "exc_message", message ? message : "",
+                            "exc_module", result_exc_module(exc_type));
+    if (canvas_chord_part(&ex->canvas, req, embed, "FAILURE", exc, err, sizeof err) < 0)
+        log_canvas_error(req, err);
+    json_decref(exc);
+}
+
+/* A task that succeeded: callbacks and the next chain link go out before its result is stored (so that the
+ * document lists them as children, as stock Celery's does); its chord part after. Returns false when the
+ * workflow could not be sent on, which fails the task (a chain must not stop silently). */
+static bool finish_success(struct executor *ex, struct buf *doc, struct buf *summary, const struct msg_request *req,
+                           const json_t *embed, const json_t *result)
+{
+    char err[256];
+    json_t *children = json_array();
+    if (json_is_object(embed) && canvas_on_success(&ex->canvas, req, embed, result, children, err, sizeof err) < 0) {
+        log_canvas_error(req, err);
+        json_decref(children);
+        finish_failure(ex, doc, summary, req, embed, "ConnectionError", err);
+        return false;
+    }
+    size_t n = json_array_size(children);
+    const char **ids = n ? calloc(n, sizeof *ids) : NULL;
+    for (size_t i = 0; i < n; i++)
+        ids[i] = json_string_value(json_array_get(children, i));
+    if (!req->ignore_result) {
+        struct result_meta meta = {.task_id = req->id.s, .group_id = req->group.s, .parent_id = req->parent_id.s, .children = ids, .nchildren = n};
+        result_doc_success(doc, &meta, result, epoch_now());
+    }
+    free(ids);
+    json_decref(children);
+    result_pyrepr(summary, result, 1024);
+    if (json_is_object(embed) && canvas_chord_part(&ex->canvas, req, embed, "SUCCESS", result, err, sizeof err) < 0)
+        log_canvas_error(req, err);
+    return true;
+}
+
+/* A task that asked for a retry: the same message again with an eta, and state RETRY; or, past max_retries,
+ * the failure Celery reports then. Returns false when the task ends failed. */
+static bool finish_retry(struct executor *ex, struct buf *doc, struct buf *summary, const struct msg_request *req,
+                         const json_t *args, const json_t *kwargs, const json_t *embed, const struct task_ctx *ctx)
+{
+    const char *exc_type = ctx->exc_type[0] ? ctx->exc_type : NULL;
+    if (ctx->retry_max >= 0 && req->retries >= ctx->retry_max) {
+        if (exc_type) {
+            finish_failure(ex, doc, summary, req, embed, exc_type, ctx->exc_message);
+        } else {
+            struct buf msg = {0}, a = {0}, k = {0};
+            outgoing_argsrepr(&a, args);
+            result_pyrepr(&k, kwargs, 1024);
+            buf_printf(&msg, "Can't retry %s[%s] args:%s kwargs:%s", req->task.s, req->id.s ? req->id.s : "?",
+                       a.data, k.data);
+            finish_failure(ex, doc, summary, req, embed, "MaxRetriesExceededError", msg.data);
+            buf_free(&msg);
+            buf_free(&a);
+            buf_free(&k);
+        }
+        return false;
+    }
+    char err[256];
+    if (!req->id.s || canvas_retry(&ex->canvas, req, args, kwargs, embed, ctx->retry_countdown, err, sizeof err) < 0) {
+        if (!req->id.s)
+            snprintf(err, sizeof err, "a message without an id cannot be retried");
+        finish_failure(ex, doc, summary, req, embed, "ConnectionError", err);
+        return false;
+    }
+    /* celery.exceptions.Retry's text: "Retry in 0.1s" or "Retry in 0.1s: KeyError('again')". */
+    struct buf why = {0}, tb = {0};
+    buf_printf(&why, "Retry in %gs", ctx->retry_countdown);
+    if (exc_type) {
+        buf_append_str(&why, ": ");
+        result_exc_repr(&why, exc_type, ctx->exc_message);
+    }
+    result_traceback(&tb, req->task.s, "celery.exceptions.Retry", why.data);
+    struct result_meta meta = {.task_id = req->id.s, .group_id = req->group.s, .parent_id = req->parent_id.s};
+    result_doc_exception(doc, &meta, "RETRY", exc_type, ctx->exc_message, tb.data, epoch_now());
+    buf_append_str(summary, why.data);
+    buf_free(&why);
+    buf_free(&tb);
+    return true;
 }
 
 const char *executor_last_task_id(const struct executor *ex)
@@ -194,13 +358,15 @@ bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *
     struct task_ctx ctx = {
         .task_id = req.id.s,
         .task_name = req.task.s,
-        .hostname = ex->hostname,
+        .hostname = ex->opt.hostname,
         .retries = req.retries,
         .redis = task_redis,
         .host = ex,
-        .redis_retry_s = ex->redis ? 30.0 : 0, /* rides out a Redis restart rather than failing the task */
+        .redis_retry_s = ex->opt.redis ? 30.0 : 0, /* rides out a Redis restart rather than failing the task */
+        .update_state = ex->opt.backend ? task_update_state_impl : NULL,
     };
-    double soft = req.has_soft_time_limit ? req.soft_time_limit : ex->soft_time_limit;
+    ex->current = &req;
+    double soft = req.has_soft_time_limit ? req.soft_time_limit : ex->opt.soft_time_limit;
     if (soft > 0) {
         soft_limit_passed = 0;
         ctx.soft_limit_flag = &soft_limit_passed;
@@ -222,16 +388,31 @@ bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *
             outcome = task_fail(&ctx, "SoftTimeLimitExceeded", "soft time limit exceeded");
         }
     }
-    if (outcome == TASK_SUCCESS) {
-        failed = false;
-        if (!req.ignore_result) {
-            struct result_meta meta = {req.id.s, req.group.s, req.parent_id.s};
-            result_doc_success(doc, &meta, result, epoch_now());
+    ex->current = NULL;
+    const json_t *embed = json_is_array(body) ? json_array_get(body, 2) : body; /* v1 keeps them in the body */
+    switch (outcome) {
+    case TASK_SUCCESS:
+        failed = !finish_success(ex, doc, summary, &req, embed, result);
+        break;
+    case TASK_RETRY:
+        failed = !finish_retry(ex, doc, summary, &req, args, kwargs, embed, &ctx);
+        break;
+    case TASK_REPLACED: {
+        char why[256];
+        if (canvas_replace(&ex->canvas, &req, embed, ctx.subtasks, ctx.continuation, why, sizeof why) < 0) {
+            finish_failure(ex, doc, summary, &req, embed, "ConnectionError", why);
+            failed = true;
+        } else {
+            failed = false;
+            buf_printf(summary, "continued by %s with %zu subtask(s)",
+                       json_string_value(json_object_get(ctx.continuation, "task")), json_array_size(ctx.subtasks));
         }
-        result_pyrepr(summary, result, 1024);
-    } else {
-        fail_doc(doc, summary, &req, ctx.exc_type[0] ? ctx.exc_type : "RuntimeError",
-                 ctx.exc_message ? ctx.exc_message : "");
+        break;
+    }
+    default:
+        finish_failure(ex, doc, summary, &req, embed, ctx.exc_type[0] ? ctx.exc_type : "RuntimeError",
+                       ctx.exc_message ? ctx.exc_message : "");
+        break;
     }
     task_ctx_reset(&ctx);
 out:

@@ -11,14 +11,26 @@
 
 struct executor;
 
-/* hostname and redis borrowed; they must outlive the executor. soft_time_limit: seconds, for messages that
- * set none (0: none). Free with executor_free. */
-struct executor *executor_new(const char *hostname, const struct broker_endpoint *redis, double soft_time_limit);
+struct executor_options {
+    const char *hostname;                  /* the worker's node name */
+    const struct broker_endpoint *redis;   /* the broker's Redis: for tasks and for the messages tasks send on
+                                            * (chains, retries, subtasks); NULL: neither */
+    const struct broker_endpoint *backend; /* the result backend: chord joins, progress states; NULL: none */
+    long result_expires;                   /* seconds; 0: stored without expiry */
+    double soft_time_limit;                /* seconds, for messages that set none (0: none) */
+    const char *native_queue;              /* where the tasks it sends go (see canvas.h) */
+    const char *default_queue;
+};
+
+/* Everything in opt borrowed; it must outlive the executor. Free with executor_free. */
+struct executor *executor_new(const struct executor_options *opt);
 void executor_free(struct executor *ex);
 
-/* Decodes and runs raw[0..len). Appends to doc the result document to store (nothing when the request has
- * ignore_result) and to summary a repr for the log line; sets *runtime (seconds). Returns true when the task
- * failed. Never fails itself: a bad message becomes a FAILURE document when its id is known. */
+/* Decodes and runs raw[0..len), then sends on what the task's workflow asks for (canvas.h). Appends to doc
+ * the result document to store (nothing when the request has ignore_result, or when the task handed its
+ * result over to a continuation) and to summary a repr for the log line; sets *runtime (seconds). Returns
+ * true when the task failed. Never fails itself: a bad message becomes a FAILURE document when its id is
+ * known. */
 bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc, struct buf *summary,
                   double *runtime);
 

@@ -66,6 +66,13 @@ struct msg_request {
 int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request *out, char *err, size_t errlen);
 void msg_request_clear(struct msg_request *r);
 
+/* An eta/expires header -> epoch seconds. Accepts what Celery's parser (celery/utils/iso8601.py) accepts:
+ * "YYYY[-MM[-DD[THH:MM[:SS[.fraction]][Z|+HH:MM|-HH:MM]]]]" ("T" may also be "t" or a space; month and day may
+ * have one digit); a time without an offset is UTC, as Celery's clients mean it. Unlike Celery, the whole of
+ * s[0..len) must match (no trailing text). Returns -1 for anything else (bad syntax, day 31 of April, hour
+ * 24, year 0); times before 1970 give 0, since for a worker they are simply in the past. s borrowed. */
+double msg_parse_time(const char *s, size_t len);
+
 /* A Celery-style label for a request in log lines: "name[id]". Writes into dst (always NUL-terminated;
  * borrowed, as is r), "<unknown>" / "?" for a missing name / id; control characters become '?' and a cut
  * never splits a UTF-8 sequence. */

@@ -195,7 +195,9 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
     long done = 0;
     bool retire = false;
     struct child_store store = {.opt = opt};
-    struct executor *ex = executor_new(opt->hostname, opt->redis, opt->soft_time_limit);
+    struct executor_options eopt = {opt->hostname,       opt->redis,         opt->backend,      opt->result_expires,
+                                    opt->soft_time_limit, opt->native_queue, opt->default_queue};
+    struct executor *ex = executor_new(&eopt);
     struct buf in = {0}, out = {0}, doc = {0}, summary = {0};
     for (;;) {
         buf_reserve(&in, 1 << 16);

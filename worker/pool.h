@@ -49,6 +49,11 @@ struct pool_options {
      * to the main process when that fails; NULL: children hand every result to the main process. */
     const struct broker_endpoint *results;
     long result_expires;                 /* as for backend_open */
+    /* For what tasks send on (canvas.h): the result backend (chord joins, progress), even when children do
+     * not store results themselves; NULL: none. And the queues of what they send. */
+    const struct broker_endpoint *backend;
+    const char *native_queue;
+    const char *default_queue;
 };
 
 /* Forks the children. Returns NULL with err filled on failure. */

@@ -492,7 +492,13 @@ static void append_tail(struct buf *out, const struct result_meta *meta, bool ch
         append_json_cstr(out, meta->task_id);
         buf_append_str(out, ", null], null]]");
     } else {
-        buf_append_str(out, ", \"children\": []");
+        buf_append_str(out, ", \"children\": [");
+        for (size_t i = 0; i < meta->nchildren; i++) {
+            buf_append_str(out, i ? ", [[" : "[[");
+            append_json_cstr(out, meta->children[i]);
+            buf_append_str(out, ", null], null]");
+        }
+        buf_append_char(out, ']');
     }
     buf_append_str(out, ", \"date_done\": ");
     if (done) {
@@ -533,6 +539,12 @@ static void append_exception_doc(struct buf *out, const struct result_meta *meta
     bool retry = strcmp(status, "RETRY") == 0;
     buf_append_str(out, "{\"status\": ");
     append_json_cstr(out, status);
+    if (!exc_type) {
+        buf_append_str(out, ", \"result\": null, \"traceback\": ");
+        append_json_cstr(out, traceback);
+        append_tail(out, meta, retry, !retry, now);
+        return;
+    }
     buf_append_str(out, ", \"result\": {\"exc_type\": ");
     append_json_cstr(out, exc_type);
     buf_append_str(out, ", \"exc_message\": ");
@@ -563,6 +575,16 @@ void result_doc_exception_args(struct buf *out, const struct result_meta *meta, 
     /* Anything but an array is not a Python args tuple; an empty one (exc_message []) is the honest fallback. */
     append_exception_doc(out, meta, status, exc_type, NULL, json_is_array(exc_args) ? exc_args : NULL, traceback,
                          now);
+}
+
+void result_doc_state(struct buf *out, const struct result_meta *meta, const char *state, const json_t *value)
+{
+    buf_append_str(out, "{\"status\": ");
+    append_json_cstr(out, state);
+    buf_append_str(out, ", \"result\": ");
+    append_json(out, value);
+    buf_append_str(out, ", \"traceback\": null");
+    append_tail(out, meta, false, false, 0);
 }
 
 void result_doc_started(struct buf *out, const struct result_meta *meta, int pid, const char *hostname)

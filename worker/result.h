@@ -14,6 +14,10 @@ struct result_meta {
     const char *task_id;   /* required */
     const char *group_id;  /* request's group, or NULL */
     const char *parent_id; /* request's parent, or NULL */
+    /* Ids of the tasks this one sent on (chain link, callbacks), written as "children": [[[id, null], null],
+     * ...] as stock Celery does; borrowed, may be NULL when nchildren is 0. */
+    const char *const *children;
+    size_t nchildren;
 };
 
 /* Appends {"status": "SUCCESS", "result": <value>, "traceback": null, "children": [], "date_done": "<ISO>",
@@ -25,13 +29,18 @@ void result_doc_success(struct buf *out, const struct result_meta *meta, const j
  * result is {"exc_type": exc_type, "exc_message": [message], "exc_module": result_exc_module(exc_type)};
  * traceback is a string or NULL for null. A NULL message gives "exc_message": [] (an exception raised with no
  * arguments). For RETRY, "children" is [[[task_id, null], null]] as stock Celery writes it: the retry message,
- * sent under the same id, is the request's child. All strings borrowed. */
+ * sent under the same id, is the request's child. A NULL exc_type writes "result": null (a retry asked for
+ * without an exception, as stock Celery stores it). All strings borrowed. */
 void result_doc_exception(struct buf *out, const struct result_meta *meta, const char *status, const char *exc_type,
                           const char *message, const char *traceback, double now);
 /* The same with the exception's args given as a JSON array (borrowed; not an array -> []), for exceptions whose
  * args are not one string: stock Celery stores TimeLimitExceeded(1) as "exc_message": [1]. */
 void result_doc_exception_args(struct buf *out, const struct result_meta *meta, const char *status,
                                const char *exc_type, const json_t *exc_args, const char *traceback, double now);
+
+/* Appends a custom state such as PROGRESS, as Task.update_state stores it: {"status": state, "result": meta,
+ * "traceback": null, "children": [], "date_done": null, ...}. meta borrowed; NULL is null. */
+void result_doc_state(struct buf *out, const struct result_meta *meta, const char *state, const json_t *value);
 
 /* Appends {"status": "STARTED", "result": {"pid": pid, "hostname": hostname}, ...}. */
 void result_doc_started(struct buf *out, const struct result_meta *meta, int pid, const char *hostname);

@@ -312,3 +312,29 @@ def module_workers(request, redis_server):
 def worker(workers):
     """One running worker with the defaults used by most tests: -c 2."""
     return workers.start("-c", "2")
+
+
+# -- PostgreSQL (the native.pg_* tasks) -------------------------------------------------------------------
+
+from servers import PostgresServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One private PostgreSQL for the run: initdb into a temp dir, a free loopback port, its socket in that
+    dir. fsync off: the tests check results, not durability."""
+    pg = PostgresServer(settings={"fsync": "off", "full_page_writes": "off"})
+    pg.start()
+    yield pg
+    pg.cleanup()
+
+
+@pytest.fixture
+def pg(postgres_server):
+    """A psycopg2 connection (autocommit, over the trusted unix socket) for the tests' own SQL."""
+    import psycopg2
+
+    conn = psycopg2.connect(postgres_server.socket_dsn())
+    conn.autocommit = True
+    yield conn
+    conn.close()

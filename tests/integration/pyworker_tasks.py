@@ -30,6 +30,10 @@ app.conf.update(
     result_expires=int(os.environ.get("PYWORKER_RESULT_EXPIRES", "86400")),
     worker_hijack_root_logger=True,
 )
+# Mixed workflows: with PYWORKER_NATIVE_QUEUE set, the native.* tasks this worker sends on (chain links, chord
+# bodies) go to celeriac's queue, as an application routes them, instead of being run here by the twins below.
+if os.environ.get("PYWORKER_NATIVE_QUEUE"):
+    app.conf.task_routes = {"native.*": {"queue": os.environ["PYWORKER_NATIVE_QUEUE"]}}
 
 
 def _number(v):
@@ -104,3 +108,41 @@ def incr(key):
     if _redis is None:
         _redis = redis.Redis.from_url(app.conf.broker_url)
     return _redis.incr(key)
+
+
+# -- Python-only tasks, for workflows that mix Python and native steps ----------------------------------
+
+@app.task(name="py.mul")
+def py_mul(x, y):
+    return x * y
+
+
+@app.task(name="py.xsum")
+def py_xsum(values):
+    return sum(values)
+
+
+@app.task(name="py.fail")
+def py_fail(message):
+    raise ValueError(message)
+
+
+@app.task(name="py.fib_tree", bind=True)
+def py_fib_tree(self, n, cutoff):
+    """native.fib_tree in Python, written deadlock-free the only way Celery allows: the task replaces itself
+    by a chord of its two halves into a sum, instead of waiting on them."""
+    from celery import chord
+
+    if n <= cutoff or n < 2:
+        return _fib(n)
+    return self.replace(chord([py_fib_tree.s(n - 1, cutoff), py_fib_tree.s(n - 2, cutoff)], py_xsum.s()))
+
+
+@app.task(name="py.fib_blocking")
+def py_fib_blocking(n, cutoff):
+    """The classic trap: a task that waits for its subtasks' results while holding its pool slot."""
+    if n <= cutoff or n < 2:
+        return _fib(n)
+    a = py_fib_blocking.delay(n - 1, cutoff)
+    b = py_fib_blocking.delay(n - 2, cutoff)
+    return a.get(disable_sync_subtasks=False) + b.get(disable_sync_subtasks=False)

@@ -437,3 +437,120 @@ class CeleryWorker(_Process):
         self.start()
         self.wait_ready(60)
         return self
+
+
+def postgres_bin_dir():
+    """The newest /usr/lib/postgresql/<version>/bin holding initdb (Debian's postgresql package), else None."""
+    import glob
+
+    dirs = [d for d in glob.glob("/usr/lib/postgresql/*/bin") if os.path.exists(os.path.join(d, "initdb"))]
+    dirs.sort(key=lambda d: [int(x) if x.isdigit() else 0 for x in d.split("/")[-2].split(".")])
+    return dirs[-1] if dirs else None
+
+
+class PostgresServer(_Process):
+    """A private PostgreSQL: initdb into a temp dir, `postgres` on 127.0.0.1:<free port> with its unix socket
+    in that temp dir. Stopped by pid (SIGINT: PostgreSQL's fast shutdown, which disconnects clients).
+
+    PostgreSQL refuses to run as root: when this runs as root, initdb and postgres run as the `postgres`
+    system user (created by Debian's package) through setpriv, which execs without forking, so the pid
+    stopped is the postmaster's. The superuser `user` has `password` over TCP (scram-sha-256); the unix socket
+    trusts everyone (for the tests' own checks). settings: extra `-c name=value` pairs, e.g. {"fsync": "off"}.
+    """
+
+    name = "postgres"
+    user = "celeriac"
+    password = "pg-secret-4711"
+
+    def __init__(self, settings=None, database="postgres"):
+        self.bindir = postgres_bin_dir()
+        self.tmpdir = tempfile.mkdtemp(prefix="celeriac-pg-")
+        super().__init__(log_dir=self.tmpdir)
+        self._own_dir = True
+        self.datadir = os.path.join(self.tmpdir, "data")
+        self.port = free_port()
+        self.database = database
+        self.settings = dict(settings or {})
+        self._initialised = False
+        self._run_as = None  # (uid, gid) when we are root
+        if os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            self._run_as = (pw.pw_uid, pw.pw_gid)
+            os.chown(self.tmpdir, *self._run_as)
+
+    def _as_user(self, cmd):
+        if not self._run_as:
+            return cmd
+        uid, gid = self._run_as
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"] + cmd
+
+    def _initdb(self):
+        if self.bindir is None:
+            raise FileNotFoundError("initdb not found under /usr/lib/postgresql/*/bin: install Debian's "
+                                    "postgresql package (scripts/deps.sh test)")
+        pwfile = os.path.join(self.tmpdir, "pwfile")
+        with open(pwfile, "w") as f:
+            f.write(self.password + "\n")
+        if self._run_as:
+            os.chown(pwfile, *self._run_as)
+        subprocess.run(self._as_user([os.path.join(self.bindir, "initdb"), "-D", self.datadir, "-U", self.user,
+                                      f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
+                                      "-E", "UTF8", "--locale=C", "--no-sync"]),
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       cwd=self.tmpdir)
+        os.unlink(pwfile)
+        self._initialised = True
+
+    def command(self):
+        cmd = [os.path.join(self.bindir, "postgres"), "-D", self.datadir, "-p", str(self.port),
+               "-h", "127.0.0.1", "-k", self.tmpdir]
+        for k, v in self.settings.items():
+            cmd += ["-c", f"{k}={v}"]
+        return self._as_user(cmd)
+
+    def cwd(self):
+        return self.tmpdir
+
+    def ready(self):
+        r = subprocess.run([os.path.join(self.bindir, "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return r.returncode == 0
+
+    def start(self, timeout=60.0):
+        if not self._initialised:
+            self._initdb()
+        for attempt in range(5):
+            super().start()
+            _wait(lambda: not self.running() or self.ready(), timeout, interval=0.05)
+            if self.running() and self.ready():
+                return self
+            if self.running():
+                self.stop(signal.SIGKILL)
+                raise TimeoutError(f"postgres did not accept connections within {timeout}s:\n{self.log_tail()}")
+            if attempt == 4 or "could not bind" not in self.log():
+                raise RuntimeError(f"postgres exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            self.port = free_port()  # the port was taken between free_port() and bind()
+        return self
+
+    def stop(self, sig=signal.SIGINT, timeout=30.0):
+        return super().stop(sig, timeout)
+
+    def restart(self):
+        """Fast shutdown (clients are disconnected), then the same cluster again on the same port."""
+        self.stop()
+        return self.start()
+
+    def url(self, database=None, password=True):
+        """A libpq URI over TCP with the superuser's password."""
+        auth = f"{self.user}:{self.password}" if password else self.user
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database or self.database}"
+
+    def socket_dsn(self, database=None):
+        """libpq keyword form over the unix socket (trusted: no password)."""
+        return f"host={self.tmpdir} port={self.port} user={self.user} dbname={database or self.database}"
+
+    def cleanup(self):
+        super().cleanup()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)

@@ -465,6 +465,37 @@ static void test_redact(void **state)
     }
 }
 
+/* --database-url / DATABASE_URL and --pg-tables / CELERIAC_PG_TABLES: kept as given (db_configure checks
+ * them), the flag winning over the variable. */
+static void test_database_options(void **state)
+{
+    (void)state;
+    struct config c;
+    unsetenv("DATABASE_URL");
+    unsetenv("CELERIAC_PG_TABLES");
+    assert_int_equal(PARSE(&c, "worker"), CONFIG_RUN);
+    assert_null(c.database_url);
+    assert_null(c.pg_tables);
+    config_clear(&c);
+
+    setenv("DATABASE_URL", "postgresql://u:pw@envhost/db", 1);
+    setenv("CELERIAC_PG_TABLES", "items,public.events", 1);
+    assert_int_equal(PARSE(&c, "worker"), CONFIG_RUN);
+    assert_string_equal(c.database_url, "postgresql://u:pw@envhost/db");
+    assert_string_equal(c.pg_tables, "items,public.events");
+    config_clear(&c);
+
+    assert_int_equal(PARSE(&c, "worker", "--database-url", "host=flag dbname=d", "--pg-tables=orders"), CONFIG_RUN);
+    assert_string_equal(c.database_url, "host=flag dbname=d");
+    assert_string_equal(c.pg_tables, "orders");
+    config_clear(&c);
+
+    assert_int_equal(PARSE(&c, "worker", "--pg-tables", ""), CONFIG_ERROR);
+    assert_string_equal(err, "celeriac: error: option --pg-tables expects a value, got ''");
+    unsetenv("DATABASE_URL");
+    unsetenv("CELERIAC_PG_TABLES");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -482,6 +513,7 @@ int main(void)
         cmocka_unit_test(test_url_good),
         cmocka_unit_test(test_url_bad),
         cmocka_unit_test(test_redact),
+        cmocka_unit_test_setup_teardown(test_database_options, clear_env, clear_env),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

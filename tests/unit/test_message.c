@@ -939,6 +939,79 @@ static void test_label(void **state)
     msg_request_clear(&r);
 }
 
+static void test_parse_time(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *s;
+        double want; /* -1: refused */
+    } cases[] = {
+        /* What Celery clients send: isoformat() with an offset, microseconds left out when 0. */
+        {"2026-11-22T13:06:38.426648+00:00", 1795352798.426648},
+        {"2026-11-22T13:06:38+00:00", 1795352798.0},
+        {"2026-11-22T13:06:38Z", 1795352798.0},
+        {"2026-11-22T13:06:38", 1795352798.0}, /* naive: UTC */
+        {"2026-11-22 13:06:38", 1795352798.0},
+        {"2026-11-22T15:06:38+02:00", 1795352798.0},
+        {"2026-11-22T08:36:38-04:30", 1795352798.0},
+        {"2026-11-22T13:06:38.5", 1795352798.5}, /* a decimal fraction */
+        {"2026-11-22T13:06", 1795352760.0},
+        {"2026-11-22", 1795305600.0},
+        {"2026-1-2", 1767312000.0},
+        {"2026", 1767225600.0},
+        {"2024-02-29T12:00:00+00:00", 1709208000.0},
+        {"2000-02-29T00:00:00", 951782400.0},
+        {"1970-01-01T00:00:00+00:00", 0.0},
+        {"1970-01-01T01:00:00+01:00", 0.0},
+        {"1969-12-31T23:59:59", 0.0}, /* before 1970: simply in the past */
+        {"0001-01-01T00:00:00", 0.0},
+        {"9999-12-31T23:59:59+00:00", 253402300799.0},
+        /* Refused. */
+        {"", -1},
+        {"now", -1},
+        {"26-11-22T13:06:38", -1},
+        {"0000-01-01T00:00:00", -1},
+        {"2026-13-01T00:00:00", -1},
+        {"2026-00-01T00:00:00", -1},
+        {"2026-04-31T00:00:00", -1},
+        {"2026-02-29T00:00:00", -1},
+        {"1900-02-29T00:00:00", -1},
+        {"2026-11-22T24:00:00", -1},
+        {"2026-11-22T13:60:00", -1},
+        {"2026-11-22T13:06:60", -1},
+        {"2026-11-22T13:6:38", -1},
+        {"2026-11-22T13", -1},
+        {"2026-11-22T13:06:38.", -1},
+        {"2026-11-22T13:06:38+0000", -1},
+        {"2026-11-22T13:06:38+24:00", -1},
+        {"2026-11-22T13:06:38+00:00x", -1},
+        {"2026-11-22T13:06:38 ", -1},
+        {"2026-11-22X13:06:38", -1},
+        {" 2026-11-22T13:06:38", -1},
+        {"-2026-11-22", -1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        double got = msg_parse_time(cases[i].s, strlen(cases[i].s));
+        if (fabs(got - cases[i].want) > 1e-6)
+            fail_msg("msg_parse_time(\"%s\") = %.6f, want %.6f", cases[i].s, got, cases[i].want);
+    }
+    /* Only s[0..len) is read: a prefix that is a time on its own parses, the rest is not looked at. */
+    assert_true(msg_parse_time("2026-11-22T13:06:38+00:00garbage", 25) == 1795352798.0);
+    assert_true(msg_parse_time(NULL, 0) == -1);
+
+    /* The captured eta message carries a time this parser reads. */
+    size_t len = 0;
+    char *raw = read_file(DATA_DIR "/eta/message.json", &len);
+    assert_non_null(raw);
+    struct msg_request r = {0};
+    char err[256];
+    assert_int_equal(msg_decode(raw, len, 0, &r, err, sizeof err), MSG_OK);
+    assert_non_null(r.eta.s);
+    assert_true(fabs(msg_parse_time(r.eta.s, r.eta.len) - 1893553445.6) < 1e-6);
+    msg_request_clear(&r);
+    free(raw);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -950,6 +1023,7 @@ int main(void)
         cmocka_unit_test(test_content_type),   cmocka_unit_test(test_body_encoding),
         cmocka_unit_test(test_v1),             cmocka_unit_test(test_too_large),
         cmocka_unit_test(test_reuse_and_clear), cmocka_unit_test(test_label),
+        cmocka_unit_test(test_parse_time),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -80,7 +80,7 @@ static void test_success_docs_match_stock(void **state)
     for (size_t i = 0; i < sizeof success_cases / sizeof success_cases[0]; i++) {
         const struct success_case *c = &success_cases[i];
         json_t *v = parse(c->value);
-        struct result_meta meta = {c->task_id, c->group_id, c->parent_id};
+        struct result_meta meta = {.task_id = c->task_id, .group_id = c->group_id, .parent_id = c->parent_id};
         struct buf out = {0};
         result_doc_success(&out, &meta, json_is_null(v) ? NULL : v, c->now);
         assert_string_equal(out.data, c->doc);
@@ -160,7 +160,7 @@ static void test_exception_docs_match_stock(void **state)
     (void)state;
     for (size_t i = 0; i < sizeof exception_cases / sizeof exception_cases[0]; i++) {
         const struct exception_case *c = &exception_cases[i];
-        struct result_meta meta = {c->task_id, c->group_id, c->parent_id};
+        struct result_meta meta = {.task_id = c->task_id, .group_id = c->group_id, .parent_id = c->parent_id};
         struct buf out = {0};
         result_doc_exception(&out, &meta, c->status, c->exc_type, c->message, c->traceback, c->now);
         assert_string_equal(out.data, c->doc);
@@ -196,7 +196,7 @@ static void test_exception_args_doc(void **state)
 static void test_exception_doc_with_group_and_parent(void **state)
 {
     (void)state;
-    struct result_meta meta = {"tid", "gid", "pid"};
+    struct result_meta meta = {.task_id = "tid", .group_id = "gid", .parent_id = "pid"};
     struct buf out = {0};
     result_doc_exception(&out, &meta, "FAILURE", "ResponseError", "WRONGTYPE x", "tb\n", 0.25);
     assert_string_equal(out.data, "{\"status\": \"FAILURE\", \"result\": {\"exc_type\": \"ResponseError\", "

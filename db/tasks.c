@@ -1,0 +1,589 @@
+/* tasks: native.pg_bulk_insert, pg_bulk_upsert, pg_bulk_delete and pg_aggregate. Runs in pool children.
+ *
+ * Every task: check the arguments (table on the allow-list, identifiers valid, shapes right) before touching
+ * the database; BEGIN; read the columns' types from the catalog (so that values are checked against them
+ * and encoded for COPY); do the work; COMMIT. Any failure rolls the whole transaction back. SQL text is only
+ * ever built from checked, quoted identifiers; values travel as COPY data. */
+#include "db.h"
+
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define COPY_FLUSH_BYTES (256 * 1024) /* COPY data handed to libpq at a time */
+#define POLL_ROWS 1024                /* rows between checks of the soft time limit */
+#define PROGRESS_MIN_ROWS 10000       /* smaller operations report no PROGRESS */
+
+/* ---- arguments ---- */
+
+/* The table argument: a str on the allow-list. Any other name, valid or not, is refused the same way, and
+ * before anything else: the allow-list holds only valid names. */
+static int arg_table(struct task_ctx *ctx, const char *fn, const json_t *v, struct db_table *out)
+{
+    if (!json_is_string(v)) {
+        task_fail(ctx, "TypeError", "%s() table must be str, not %s", fn, task_pytype(v));
+        return -1;
+    }
+    const char *s = json_string_value(v);
+    size_t len = json_string_length(v);
+    if (db_table_parse(s, len, out) < 0 || !db_table_allowed(out)) {
+        task_fail(ctx, "PermissionError",
+                  "%s(): table '%.*s' is not in this worker's allow-list (--pg-tables / CELERIAC_PG_TABLES)", fn,
+                  len > 128 ? 128 : (int)len, s);
+        return -1;
+    }
+    return 0;
+}
+
+/* A list of distinct column names (what: "columns", "key_columns"). *names points into v (borrowed: valid
+ * while the task's arguments are); caller frees the array with free(). min: the fewest accepted. */
+static int arg_columns(struct task_ctx *ctx, const char *fn, const char *what, const json_t *v, size_t min,
+                       const char ***names, size_t *n)
+{
+    *names = NULL;
+    *n = 0;
+    if (!json_is_array(v)) {
+        task_fail(ctx, "TypeError", "%s() %s must be a list of column names, not %s", fn, what, task_pytype(v));
+        return -1;
+    }
+    if (json_array_size(v) < min) {
+        task_fail(ctx, "ValueError", "%s() %s must name at least %zu column%s", fn, what, min, min == 1 ? "" : "s");
+        return -1;
+    }
+    const char **out = calloc(json_array_size(v) + 1, sizeof *out);
+    if (!out)
+        abort();
+    for (size_t i = 0; i < json_array_size(v); i++) {
+        const json_t *item = json_array_get(v, i);
+        if (!json_is_string(item)) {
+            task_fail(ctx, "TypeError", "%s() %s[%zu] must be str, not %s", fn, what, i, task_pytype(item));
+            goto fail;
+        }
+        const char *s = json_string_value(item);
+        size_t len = json_string_length(item);
+        if (!db_ident_valid(s, len)) {
+            task_fail(ctx, "ValueError",
+                      "%s() %s[%zu]: '%.*s' is not a valid column name (1 to %d letters, digits, _ or $, "
+                      "not starting with a digit)",
+                      fn, what, i, len > 128 ? 128 : (int)len, s, DB_IDENT_MAX);
+            goto fail;
+        }
+        for (size_t j = 0; j < i; j++)
+            if (strcmp(out[j], s) == 0) {
+                task_fail(ctx, "ValueError", "%s() %s: column '%s' is named twice", fn, what, s);
+                goto fail;
+            }
+        out[i] = s;
+    }
+    *names = out;
+    *n = json_array_size(v);
+    return 0;
+fail:
+    free(out);
+    return -1;
+}
+
+static int arg_rows(struct task_ctx *ctx, const char *fn, const char *what, const json_t *v)
+{
+    if (!json_is_array(v)) {
+        task_fail(ctx, "TypeError", "%s() %s must be a list, not %s", fn, what, task_pytype(v));
+        return -1;
+    }
+    return 0;
+}
+
+static void append_column_list(struct db_buf *b, const char *prefix, const char *const *names, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (i)
+            db_buf_puts(b, ", ");
+        db_buf_puts(b, prefix);
+        db_quote_ident(b, names[i]);
+    }
+}
+
+/* ---- the catalog ---- */
+
+/* The kind of each named column of table, read in the open transaction (domains count as their base type).
+ * kinds: n entries, filled. Returns 0, or -1 after task_fail (ProgrammingError for an unknown table or
+ * column, as the server words them). */
+static int column_kinds(struct task_ctx *ctx, PGconn *c, const struct db_table *t, const char *const *names, size_t n,
+                        enum db_kind *kinds)
+{
+    static const char sql[] = "SELECT a.attname, CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE a.atttypid END "
+                              "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid "
+                              "WHERE a.attrelid = $1::pg_catalog.regclass AND a.attnum > 0 AND NOT a.attisdropped";
+    struct db_buf table = {0};
+    int rc = -1;
+    db_quote_table(&table, t);
+    const char *params[] = {table.data};
+    PGresult *res = PQexecParams(c, sql, 1, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        db_fail(ctx, c, res);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        int row = 0;
+        while (row < PQntuples(res) && strcmp(PQgetvalue(res, row, 0), names[i]) != 0)
+            row++;
+        if (row == PQntuples(res)) {
+            task_fail(ctx, "ProgrammingError", "column \"%s\" of relation \"%s\" does not exist (SQLSTATE 42703)",
+                      names[i], t->name);
+            goto out;
+        }
+        kinds[i] = db_kind_of_oid((unsigned)strtoul(PQgetvalue(res, row, 1), NULL, 10));
+    }
+    rc = 0;
+out:
+    PQclear(res);
+    db_buf_free(&table);
+    return rc;
+}
+
+/* Runs a statement; returns its result when it succeeded with status want, else NULL after task_fail.
+ * Caller clears the result with PQclear. */
+static PGresult *run(struct task_ctx *ctx, PGconn *c, const char *sql, ExecStatusType want)
+{
+    PGresult *res = PQexec(c, sql);
+    if (PQresultStatus(res) == want)
+        return res;
+    db_fail(ctx, c, res);
+    PQclear(res);
+    return NULL;
+}
+
+/* ---- progress ---- */
+
+struct progress {
+    struct task_ctx *ctx;
+    size_t total; /* rows in the operation */
+    size_t step;  /* rows between reports; 0: the operation is too small to report */
+    size_t next;  /* rows done at the next report */
+};
+
+static void progress_report(struct progress *p, size_t done)
+{
+    json_t *meta = json_pack("{s:I,s:I}", "done", (json_int_t)done, "total", (json_int_t)p->total);
+    /* Best effort, as Celery's update_state from a task: a client without it still gets the result. */
+    (void)task_update_state(p->ctx, "PROGRESS", meta);
+    json_decref(meta);
+}
+
+static void progress_start(struct progress *p, struct task_ctx *ctx, size_t total)
+{
+    *p = (struct progress){.ctx = ctx, .total = total};
+    if (total < PROGRESS_MIN_ROWS)
+        return;
+    p->step = total / 10 > PROGRESS_MIN_ROWS ? total / 10 : PROGRESS_MIN_ROWS;
+    p->next = p->step;
+    progress_report(p, 0);
+}
+
+static void progress_rows(struct progress *p, size_t done)
+{
+    if (p->step && done >= p->next && done < p->total) {
+        progress_report(p, done);
+        p->next += p->step;
+    }
+}
+
+static void progress_end(struct progress *p)
+{
+    if (p->step)
+        progress_report(p, p->total);
+}
+
+/* ---- COPY ---- */
+
+/* Reads the results of a finished or aborted COPY; returns the final one (caller clears). */
+static PGresult *copy_result(PGconn *c)
+{
+    PGresult *last = NULL, *res;
+    while ((res = PQgetResult(c))) {
+        PQclear(last);
+        last = res;
+    }
+    return last;
+}
+
+/* Aborts the COPY in progress (the server then fails the statement) and discards its results. */
+static void copy_abort(PGconn *c, const char *why)
+{
+    if (PQputCopyEnd(c, why) == 1)
+        PQclear(copy_result(c));
+}
+
+static int copy_send(struct task_ctx *ctx, PGconn *c, struct db_buf *b)
+{
+    if (b->len && PQputCopyData(c, b->data, (int)b->len) != 1) {
+        db_fail(ctx, c, NULL);
+        return -1;
+    }
+    b->len = 0;
+    return 0;
+}
+
+/* COPY rows (a list, borrowed) into target_sql (a quoted table name) (names), checking each value against
+ * kinds. Binary format when every kind has a binary encoder, else text. *copied gets the server's row count.
+ * what names the argument in messages ("rows", "keys"). Returns 0, or -1 after task_fail (the transaction
+ * must then be rolled back). */
+static int copy_rows(struct task_ctx *ctx, PGconn *c, const char *target_sql, const char *const *names, size_t n,
+                     const enum db_kind *kinds, const json_t *rows, const char *what, bool bare_scalars,
+                     struct progress *prog, long long *copied)
+{
+    struct db_copy enc = {.ncols = n, .kinds = kinds, .names = names, .binary = true, .bare_scalars = bare_scalars};
+    struct db_buf sql = {0};
+    PGresult *res = NULL;
+    char why[512];
+    int rc = -1;
+    for (size_t i = 0; i < n; i++)
+        enc.binary &= db_kind_binary(kinds[i]);
+    db_buf_puts(&sql, "COPY ");
+    db_buf_puts(&sql, target_sql);
+    db_buf_puts(&sql, " (");
+    append_column_list(&sql, "", names, n);
+    db_buf_puts(&sql, enc.binary ? ") FROM STDIN (FORMAT binary)" : ") FROM STDIN");
+    res = run(ctx, c, sql.data, PGRES_COPY_IN);
+    if (!res)
+        goto out;
+    PQclear(res);
+    res = NULL;
+
+    db_copy_begin(&enc);
+    size_t total = json_array_size(rows);
+    for (size_t i = 0; i < total; i++) {
+        if (db_copy_row(&enc, json_array_get(rows, i), i, what, why, sizeof why) < 0) {
+            copy_abort(c, "celeriac: invalid row");
+            task_fail(ctx, "ValueError", "%s; nothing was written", why);
+            goto out;
+        }
+        if (enc.out.len >= COPY_FLUSH_BYTES && copy_send(ctx, c, &enc.out) < 0)
+            goto out;
+        if ((i + 1) % POLL_ROWS == 0) {
+            if (task_soft_time_limit_exceeded(ctx)) {
+                copy_abort(c, "celeriac: soft time limit exceeded");
+                task_fail(ctx, "SoftTimeLimitExceeded", "soft time limit exceeded after %zu of %zu rows; none written",
+                          i + 1, total);
+                goto out;
+            }
+            progress_rows(prog, i + 1);
+        }
+    }
+    db_copy_end(&enc);
+    if (copy_send(ctx, c, &enc.out) < 0)
+        goto out;
+    if (PQputCopyEnd(c, NULL) != 1) {
+        db_fail(ctx, c, NULL);
+        goto out;
+    }
+    res = copy_result(c);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        db_fail(ctx, c, res);
+        goto out;
+    }
+    *copied = strtoll(PQcmdTuples(res), NULL, 10);
+    rc = 0;
+out:
+    PQclear(res);
+    db_buf_free(&sql);
+    db_buf_free(&enc.out);
+    return rc;
+}
+
+/* A temporary table with the given columns of table (same types, no constraints), dropped at commit. */
+static int create_temp(struct task_ctx *ctx, PGconn *c, const char *temp_name, const char *table_sql,
+                       const char *const *names, size_t n)
+{
+    struct db_buf sql = {0};
+    db_buf_puts(&sql, "CREATE TEMPORARY TABLE ");
+    db_buf_puts(&sql, temp_name);
+    db_buf_puts(&sql, " ON COMMIT DROP AS SELECT ");
+    append_column_list(&sql, "", names, n);
+    db_buf_puts(&sql, " FROM ");
+    db_buf_puts(&sql, table_sql);
+    db_buf_puts(&sql, " WITH NO DATA");
+    PGresult *res = run(ctx, c, sql.data, PGRES_COMMAND_OK);
+    db_buf_free(&sql);
+    PQclear(res);
+    return res ? 0 : -1;
+}
+
+/* ---- the tasks ---- */
+
+enum task_outcome db_task_bulk_insert(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
+{
+    static const char fn[] = "pg_bulk_insert";
+    json_t *rows = json_array_get(args, 2);
+    const char **cols = NULL;
+    size_t ncols = 0;
+    enum db_kind *kinds = NULL;
+    struct db_table t;
+    struct db_buf table = {0};
+    struct progress prog;
+    long long copied = 0;
+    PGconn *c = NULL;
+    (void)kwargs;
+    *result = NULL;
+    if (arg_table(ctx, fn, json_array_get(args, 0), &t) < 0 ||
+        arg_columns(ctx, fn, "columns", json_array_get(args, 1), 1, &cols, &ncols) < 0 ||
+        arg_rows(ctx, fn, "rows", rows) < 0)
+        goto out;
+    db_quote_table(&table, &t);
+    kinds = calloc(ncols, sizeof *kinds);
+    if (!kinds)
+        abort();
+    if (!(c = db_begin(ctx, false)))
+        goto out;
+    progress_start(&prog, ctx, json_array_size(rows));
+    if (column_kinds(ctx, c, &t, cols, ncols, kinds) < 0 ||
+        copy_rows(ctx, c, table.data, cols, ncols, kinds, rows, "rows", false, &prog, &copied) < 0)
+        goto out;
+    progress_end(&prog);
+    if (db_commit(ctx, c) < 0)
+        goto out;
+    c = NULL;
+    *result = json_integer(copied);
+out:
+    if (c)
+        db_rollback(c);
+    free(cols);
+    free(kinds);
+    db_buf_free(&table);
+    return *result ? TASK_SUCCESS : TASK_FAILURE;
+}
+
+enum task_outcome db_task_bulk_upsert(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
+{
+    static const char fn[] = "pg_bulk_upsert", temp[] = "celeriac_upsert";
+    json_t *rows = json_array_get(args, 2);
+    const char **cols = NULL, **keys = NULL;
+    size_t ncols = 0, nkeys = 0;
+    enum db_kind *kinds = NULL;
+    struct db_table t;
+    struct db_buf table = {0}, sql = {0};
+    struct progress prog;
+    long long copied = 0;
+    PGconn *c = NULL;
+    PGresult *res = NULL;
+    (void)kwargs;
+    *result = NULL;
+    if (arg_table(ctx, fn, json_array_get(args, 0), &t) < 0 ||
+        arg_columns(ctx, fn, "columns", json_array_get(args, 1), 1, &cols, &ncols) < 0 ||
+        arg_rows(ctx, fn, "rows", rows) < 0 ||
+        arg_columns(ctx, fn, "key_columns", json_array_get(args, 3), 1, &keys, &nkeys) < 0)
+        goto out;
+    for (size_t i = 0; i < nkeys; i++) {
+        size_t j = 0;
+        while (j < ncols && strcmp(cols[j], keys[i]) != 0)
+            j++;
+        if (j == ncols) {
+            task_fail(ctx, "ValueError", "%s() key_columns: '%s' is not one of columns", fn, keys[i]);
+            goto out;
+        }
+    }
+    db_quote_table(&table, &t);
+    kinds = calloc(ncols, sizeof *kinds);
+    if (!kinds)
+        abort();
+    if (!(c = db_begin(ctx, false)))
+        goto out;
+    progress_start(&prog, ctx, json_array_size(rows));
+    if (column_kinds(ctx, c, &t, cols, ncols, kinds) < 0 || create_temp(ctx, c, temp, table.data, cols, ncols) < 0 ||
+        copy_rows(ctx, c, "pg_temp.celeriac_upsert", cols, ncols, kinds, rows, "rows", false, &prog, &copied) < 0)
+        goto out;
+
+    /* One statement merges the lot. xmax = 0 tells a freshly inserted row from an updated one (an updated
+     * row version carries the updating transaction's id in xmax while it is locked). When every column is a
+     * key there is nothing to update: the key is set to itself, so that existing rows still count as
+     * updated rather than vanishing from both counts. */
+    db_buf_puts(&sql, "WITH r AS (INSERT INTO ");
+    db_buf_puts(&sql, table.data);
+    db_buf_puts(&sql, " AS t (");
+    append_column_list(&sql, "", cols, ncols);
+    db_buf_puts(&sql, ") SELECT ");
+    append_column_list(&sql, "", cols, ncols);
+    db_buf_puts(&sql, " FROM pg_temp.celeriac_upsert ON CONFLICT (");
+    append_column_list(&sql, "", keys, nkeys);
+    db_buf_puts(&sql, ") DO UPDATE SET ");
+    bool any = false;
+    for (size_t i = 0; i < ncols; i++) {
+        bool key = false;
+        for (size_t j = 0; j < nkeys; j++)
+            key |= strcmp(cols[i], keys[j]) == 0;
+        if (key && !(i == ncols - 1 && !any))
+            continue;
+        if (any)
+            db_buf_puts(&sql, ", ");
+        any = true;
+        db_quote_ident(&sql, cols[i]);
+        db_buf_puts(&sql, " = EXCLUDED.");
+        db_quote_ident(&sql, cols[i]);
+    }
+    db_buf_puts(&sql, " RETURNING (t.xmax = 0) AS inserted) "
+                      "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM r");
+    if (!(res = run(ctx, c, sql.data, PGRES_TUPLES_OK)))
+        goto out;
+    progress_end(&prog);
+    long long inserted = strtoll(PQgetvalue(res, 0, 0), NULL, 10), updated = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    if (db_commit(ctx, c) < 0)
+        goto out;
+    c = NULL;
+    *result = json_pack("{s:I,s:I}", "inserted", (json_int_t)inserted, "updated", (json_int_t)updated);
+out:
+    if (c)
+        db_rollback(c);
+    PQclear(res);
+    free(cols);
+    free(keys);
+    free(kinds);
+    db_buf_free(&table);
+    db_buf_free(&sql);
+    return *result ? TASK_SUCCESS : TASK_FAILURE;
+}
+
+enum task_outcome db_task_bulk_delete(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
+{
+    static const char fn[] = "pg_bulk_delete";
+    json_t *keyrows = json_array_get(args, 2);
+    const char **keys = NULL;
+    size_t nkeys = 0;
+    enum db_kind *kinds = NULL;
+    struct db_table t;
+    struct db_buf table = {0}, sql = {0};
+    struct progress prog;
+    long long copied = 0;
+    PGconn *c = NULL;
+    PGresult *res = NULL;
+    (void)kwargs;
+    *result = NULL;
+    if (arg_table(ctx, fn, json_array_get(args, 0), &t) < 0 ||
+        arg_columns(ctx, fn, "key_columns", json_array_get(args, 1), 1, &keys, &nkeys) < 0 ||
+        arg_rows(ctx, fn, "keys", keyrows) < 0)
+        goto out;
+    db_quote_table(&table, &t);
+    kinds = calloc(nkeys, sizeof *kinds);
+    if (!kinds)
+        abort();
+    if (!(c = db_begin(ctx, false)))
+        goto out;
+    progress_start(&prog, ctx, json_array_size(keyrows));
+    if (column_kinds(ctx, c, &t, keys, nkeys, kinds) < 0 ||
+        create_temp(ctx, c, "celeriac_keys", table.data, keys, nkeys) < 0 ||
+        copy_rows(ctx, c, "pg_temp.celeriac_keys", keys, nkeys, kinds, keyrows, "keys", true, &prog, &copied) < 0)
+        goto out;
+    /* A key holding a NULL matches nothing, as in SQL; a key given twice deletes its rows once. */
+    db_buf_puts(&sql, "DELETE FROM ");
+    db_buf_puts(&sql, table.data);
+    db_buf_puts(&sql, " AS t USING pg_temp.celeriac_keys AS k WHERE ");
+    for (size_t i = 0; i < nkeys; i++) {
+        db_buf_puts(&sql, i ? " AND t." : "t.");
+        db_quote_ident(&sql, keys[i]);
+        db_buf_puts(&sql, " = k.");
+        db_quote_ident(&sql, keys[i]);
+    }
+    if (!(res = run(ctx, c, sql.data, PGRES_COMMAND_OK)))
+        goto out;
+    progress_end(&prog);
+    long long deleted = strtoll(PQcmdTuples(res), NULL, 10);
+    if (db_commit(ctx, c) < 0)
+        goto out;
+    c = NULL;
+    *result = json_integer(deleted);
+out:
+    if (c)
+        db_rollback(c);
+    PQclear(res);
+    free(keys);
+    free(kinds);
+    db_buf_free(&table);
+    db_buf_free(&sql);
+    return *result ? TASK_SUCCESS : TASK_FAILURE;
+}
+
+enum task_outcome db_task_aggregate(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
+{
+    static const char fn[] = "pg_aggregate";
+    json_t *group_arg = json_array_get(args, 1), *column_arg = json_array_get(args, 2), *groups = NULL;
+    const char **group = NULL, *column = NULL;
+    size_t ngroup = 0;
+    struct db_table t;
+    struct db_buf sql = {0};
+    PGconn *c = NULL;
+    PGresult *res = NULL;
+    (void)kwargs;
+    *result = NULL;
+    if (arg_table(ctx, fn, json_array_get(args, 0), &t) < 0)
+        goto out;
+    /* group_by: one column name, a list of them (the group is then a list), or None (one group, null). */
+    if (json_is_string(group_arg)) {
+        json_t *one = json_pack("[O]", group_arg);
+        int rc = arg_columns(ctx, fn, "group_by", one, 1, &group, &ngroup);
+        json_decref(one); /* group[0] points into group_arg's string, which args keeps alive */
+        if (rc < 0)
+            goto out;
+    } else if (!json_is_null(group_arg) && arg_columns(ctx, fn, "group_by", group_arg, 1, &group, &ngroup) < 0) {
+        goto out;
+    }
+    if (!json_is_string(column_arg)) {
+        task_fail(ctx, "TypeError", "%s() column must be str, not %s", fn, task_pytype(column_arg));
+        goto out;
+    }
+    column = json_string_value(column_arg);
+    if (!db_ident_valid(column, json_string_length(column_arg))) {
+        task_fail(ctx, "ValueError", "%s() column: '%.128s' is not a valid column name", fn, column);
+        goto out;
+    }
+
+    db_buf_puts(&sql, "SELECT ");
+    append_column_list(&sql, "", group, ngroup);
+    db_buf_puts(&sql, ngroup ? ", count(*), sum(" : "count(*), sum(");
+    db_quote_ident(&sql, column);
+    db_buf_puts(&sql, "), min(");
+    db_quote_ident(&sql, column);
+    db_buf_puts(&sql, "), max(");
+    db_quote_ident(&sql, column);
+    db_buf_puts(&sql, ") FROM ");
+    db_quote_table(&sql, &t);
+    if (ngroup) {
+        db_buf_puts(&sql, " GROUP BY ");
+        append_column_list(&sql, "", group, ngroup);
+        db_buf_puts(&sql, " ORDER BY ");
+        append_column_list(&sql, "", group, ngroup);
+    }
+    if (!(c = db_begin(ctx, true)) || !(res = run(ctx, c, sql.data, PGRES_TUPLES_OK)))
+        goto out;
+    groups = json_array();
+    for (int r = 0; r < PQntuples(res); r++) {
+        json_t *row = json_array(), *key = NULL;
+        if (json_is_array(group_arg))
+            key = json_array();
+        for (int f = 0; f < PQnfields(res); f++) {
+            json_t *v = PQgetisnull(res, r, f) ? json_null()
+                                               : db_value_from_text(PQgetvalue(res, r, f),
+                                                                    (size_t)PQgetlength(res, r, f), PQftype(res, f));
+            if ((size_t)f < ngroup && key)
+                json_array_append_new(key, v);
+            else
+                json_array_append_new(row, v);
+        }
+        if (key)
+            json_array_insert_new(row, 0, key);
+        else if (!ngroup)
+            json_array_insert_new(row, 0, json_null());
+        json_array_append_new(groups, row);
+    }
+    if (db_commit(ctx, c) < 0)
+        goto out;
+    c = NULL;
+    *result = groups;
+    groups = NULL;
+out:
+    if (c)
+        db_rollback(c);
+    json_decref(groups);
+    PQclear(res);
+    free(group);
+    db_buf_free(&sql);
+    return *result ? TASK_SUCCESS : TASK_FAILURE;
+}
