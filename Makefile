@@ -24,9 +24,12 @@ test:
 	@cd build-asan && ctest --output-on-failure -L unit
 	@CELERIAC_BIN=build-asan/celeriac $(PYTHON) -m pytest -q tests/integration
 
+# Three scripts, each comparing celeriac (this release build) with the stock worker in the same run.
 bench: build
 	@scripts/deps.sh bench
 	@$(PYTHON) bench/run.py
+	@CELERIAC_BIN=build/celeriac $(PYTHON) bench/workflows.py
+	@CELERIAC_BIN=build/celeriac $(PYTHON) bench/pg.py
 
 clean:
 	rm -rf build build-asan

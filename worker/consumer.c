@@ -552,6 +552,8 @@ static void on_result(void *arg, int child, const struct pool_result *r)
         job_label(j, label, sizeof label);
         if (r->failed)
             log_error("Task %s raised unexpected: %s", label, r->summary);
+        else if (r->retried)
+            log_info("Task %s retry: %s", label, r->summary); /* stock Celery's wording */
         else
             log_info("Task %s succeeded in %.6gs: %s", label, r->runtime, r->summary);
     }

@@ -310,12 +310,12 @@ const char *executor_last_task_id(const struct executor *ex)
     return ex->last_id;
 }
 
-bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc, struct buf *summary,
-                  double *runtime)
+enum executor_status executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc,
+                                  struct buf *summary, double *runtime)
 {
     struct msg_request req = {0};
     char err[256] = "";
-    bool failed = true;
+    bool failed = true, retried = false;
     json_t *body = NULL, *empty_args = NULL, *empty_kwargs = NULL, *result = NULL;
     double t0 = monotonic();
     *runtime = 0;
@@ -396,6 +396,7 @@ bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *
         break;
     case TASK_RETRY:
         failed = !finish_retry(ex, doc, summary, &req, args, kwargs, embed, &ctx);
+        retried = !failed;
         break;
     case TASK_REPLACED: {
         char why[256];
@@ -423,5 +424,5 @@ out:
     json_decref(empty_args);
     json_decref(empty_kwargs);
     msg_request_clear(&req);
-    return failed;
+    return failed ? EXECUTOR_FAILED : retried ? EXECUTOR_RETRIED : EXECUTOR_SUCCEEDED;
 }

@@ -29,10 +29,15 @@ void executor_free(struct executor *ex);
 /* Decodes and runs raw[0..len), then sends on what the task's workflow asks for (canvas.h). Appends to doc
  * the result document to store (nothing when the request has ignore_result, or when the task handed its
  * result over to a continuation) and to summary a repr for the log line; sets *runtime (seconds). Returns
- * true when the task failed. Never fails itself: a bad message becomes a FAILURE document when its id is
+ * what became of the task. Never fails itself: a bad message becomes a FAILURE document when its id is
  * known. */
-bool executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc, struct buf *summary,
-                  double *runtime);
+enum executor_status {
+    EXECUTOR_SUCCEEDED = 0, /* also a task that handed its result over to a continuation */
+    EXECUTOR_FAILED = 1,
+    EXECUTOR_RETRIED = 2,   /* sent again with an eta; state RETRY stored */
+};
+enum executor_status executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc,
+                                  struct buf *summary, double *runtime);
 
 /* The task id of the message executor_run last ran ("" if it had none). Borrowed until the next run. */
 const char *executor_last_task_id(const struct executor *ex);

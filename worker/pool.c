@@ -23,7 +23,7 @@
 enum { FRAME_TASK = 1, FRAME_RESULT = 2 };
 /* Frame: u32 length of what follows | u8 type | payload.
  * TASK payload:   u64 seq | raw message
- * RESULT payload: u64 seq | u8 failed | f64 runtime | u32 doc length | doc | summary (rest) */
+ * RESULT payload: u64 seq | u8 flags (1 failed, 2 stored, 4 retried) | f64 runtime | u32 doc length | doc | summary (rest) */
 #define FRAME_HEADER 5
 #define LONG_TASK_S 0.0005 /* a child sends results at once after a task this long */
 
@@ -223,14 +223,15 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
             double now = pool_clock();
             __atomic_store(&slot->started, &now, __ATOMIC_RELAXED);
             __atomic_store_n(&slot->seq, seq, __ATOMIC_RELEASE);
-            bool failed = executor_run(ex, frame + 9, flen - 9, &doc, &summary, &runtime);
+            enum executor_status status = executor_run(ex, frame + 9, flen - 9, &doc, &summary, &runtime);
             __atomic_store_n(&slot->seq, 0, __ATOMIC_RELEASE);
             retire = should_retire(opt, ++done);
             put_u32(&out, (uint32_t)(1 + 8 + 1 + 8 + 4 + doc.len + summary.len));
             buf_append_char(&out, FRAME_RESULT);
             put_u64(&out, seq);
             store_append(&store, executor_last_task_id(ex), &doc, out.len);
-            buf_append_char(&out, failed ? 1 : 0); /* bit 0: failed; bit 1 (set by store_flush): stored */
+            /* bit 0: failed; bit 1 (set by store_flush): stored; bit 2: retried */
+            buf_append_char(&out, (char)((status == EXECUTOR_FAILED ? 1 : 0) | (status == EXECUTOR_RETRIED ? 4 : 0)));
             buf_append(&out, &runtime, sizeof runtime);
             put_u32(&out, (uint32_t)doc.len);
             buf_append(&out, doc.data ? doc.data : "", doc.len);
@@ -399,6 +400,7 @@ static void parse_results(struct pool *p, int i)
         struct pool_result r;
         r.seq = get_u64(f + 1);
         r.failed = (f[9] & 1) != 0;
+        r.retried = (f[9] & 4) != 0;
         r.stored = (f[9] & 2) != 0;
         memcpy(&r.runtime, f + 10, sizeof r.runtime);
         uint32_t dlen = get_u32(f + 18);

@@ -25,6 +25,7 @@ struct pool_result {
     uint64_t seq;
     bool failed;         /* the task raised (FAILURE); false for SUCCESS */
     bool stored;         /* the child stored doc itself (SETEX + PUBLISH confirmed); nothing left to write */
+    bool retried;        /* the task asked for a retry: sent again, doc is its RETRY state */
     double runtime;      /* seconds, measured in the child */
     const char *doc;     /* the result document to store; empty when ignore_result */
     size_t doc_len;

@@ -165,6 +165,7 @@ def test_retry_n(capp, native, backend):
     assert "RETRY" in states
     # Three retries, each a new message under the same id sent by celeriac with an eta.
     assert native.log().count(f"native.retry_n[{r.id}] received") == 4
+    assert native.log().count(f"native.retry_n[{r.id}] retry: Retry in 0.1s") == 3
 
 
 def test_retry_past_max_retries(capp, native, backend):
