@@ -216,14 +216,77 @@ static int send_plain(const struct canvas_env *env, struct outbox *ob, const jso
     return rc;
 }
 
-/* Sends any signature: a plain task, a chain (its first task, carrying the rest) or a group (every member
- * with the group's id). */
+/* Sends a chord: its size to the join first (a part that finished before it is set would never fire the
+ * body), then every header task with the group id, its index and the body. gid NULL: a fresh one. prepend:
+ * args for each header task (a chain's previous result). */
+static int send_chord(const struct canvas_env *env, struct outbox *ob, const json_t *header, const json_t *body,
+                      const char *gid, const json_t *prepend, const struct sender *from, char *err, size_t errlen)
+{
+    size_t n = json_array_size(header);
+    if (!n) { /* Celery calls the body at once with an empty list */
+        json_t *empty = json_pack("[[]]");
+        int rc = send_plain(env, ob, body, empty, from, NULL, NULL, NULL, err, errlen);
+        json_decref(empty);
+        return rc;
+    }
+    char fresh[37];
+    if (!gid) {
+        outgoing_uuid(fresh);
+        gid = fresh;
+    }
+    redisContext *c = env->backend(env->arg, err, errlen);
+    if (!c)
+        return -1;
+    char size[24];
+    snprintf(size, sizeof size, "%zu", n);
+    redisReply *r = env->result_expires > 0
+                        ? redisCommand(c, "SETEX celery-taskset-meta-%s.s %ld %s", gid, env->result_expires, size)
+                        : redisCommand(c, "SET celery-taskset-meta-%s.s %s", gid, size);
+    int rc = redis_ok(r, err, errlen, "setting the chord size");
+    if (r)
+        freeReplyObject(r);
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        json_t *sub = json_deep_copy(json_array_get(header, i));
+        json_t *so = json_object_get(sub, "options");
+        if (!json_is_object(so)) {
+            so = json_object();
+            json_object_set_new(sub, "options", so);
+        }
+        if (!option_str(sub, "task_id")) {
+            char id[37];
+            outgoing_uuid(id);
+            json_object_set_new(so, "task_id", json_string(id));
+        }
+        json_object_set_new(so, "group_index", json_integer((json_int_t)i));
+        json_object_set(so, "chord", (json_t *)body);
+        rc = send_plain(env, ob, sub, prepend, from, NULL, gid, NULL, err, errlen);
+        json_decref(sub);
+    }
+    return rc;
+}
+
+/* Sends any signature: a plain task, a chain (its first task, carrying the rest), a group (every member
+ * with the group's id) or a chord. */
 static int send_signature(const struct canvas_env *env, struct outbox *ob, const json_t *sig, const json_t *prepend,
                           const struct sender *from, json_t *sent, char *err, size_t errlen)
 {
     const char *type = json_string_value(json_object_get(sig, "subtask_type"));
     if (!type)
         return send_plain(env, ob, sig, prepend, from, NULL, NULL, sent, err, errlen);
+    if (strcmp(type, "chord") == 0) {
+        const json_t *kw = json_object_get(sig, "kwargs");
+        const json_t *header = json_object_get(kw, "header"), *body = json_object_get(kw, "body");
+        const json_t *members = json_is_array(header) ? header : json_object_get(json_object_get(header, "kwargs"), "tasks");
+        if (!json_is_object(body) || !json_is_array(members)) {
+            snprintf(err, errlen, "a chord signature without header tasks or body");
+            return -1;
+        }
+        const char *body_id = option_str(body, "task_id");
+        if (body_id && sent)
+            json_array_append_new(sent, json_string(body_id));
+        return send_chord(env, ob, members, body, json_is_object(header) ? option_str(header, "task_id") : NULL,
+                          prepend, from, err, errlen);
+    }
     const json_t *tasks = json_object_get(json_object_get(sig, "kwargs"), "tasks");
     if (!json_is_array(tasks)) {
         snprintf(err, errlen, "a %s signature without tasks", type);
@@ -613,38 +676,15 @@ int canvas_replace(const struct canvas_env *env, const struct msg_request *req, 
         json_decref(body);
         return rc == 0 ? outbox_flush(env, ob, err, errlen) : (outbox_free(ob), rc);
     }
-    char gid[37];
-    outgoing_uuid(gid);
-    /* The header size first: a part that finishes before it is set would never fire the body. */
-    redisContext *c = env->backend(env->arg, err, errlen);
-    redisReply *r = NULL;
-    char size[24];
-    snprintf(size, sizeof size, "%zu", n);
-    if (c)
-        r = env->result_expires > 0
-                ? redisCommand(c, "SETEX celery-taskset-meta-%s.s %ld %s", gid, env->result_expires, size)
-                : redisCommand(c, "SET celery-taskset-meta-%s.s %s", gid, size);
-    rc = c ? redis_ok(r, err, errlen, "setting the chord size") : -1;
-    if (r)
-        freeReplyObject(r);
-    for (size_t i = 0; i < n && rc == 0; i++) {
-        json_t *sub = json_deep_copy(json_array_get(subtasks, i));
-        json_t *so = json_object_get(sub, "options");
-        if (!json_is_object(so)) {
-            so = json_object();
-            json_object_set_new(sub, "options", so);
-        }
-        char id[37];
-        outgoing_uuid(id);
-        json_object_set_new(so, "task_id", json_string(id));
-        json_object_set_new(so, "group_id", json_string(gid));
-        json_object_set_new(so, "group_index", json_integer((json_int_t)i));
-        json_object_set(so, "chord", body);
+    json_t *header = json_deep_copy(subtasks);
+    size_t i;
+    json_t *sub;
+    json_array_foreach(header, i, sub) {
         if (req->priority)
-            json_object_set_new(so, "priority", json_integer(req->priority));
-        rc = send_plain(env, ob, sub, NULL, &from, NULL, NULL, NULL, err, errlen);
-        json_decref(sub);
+            json_object_set_new(json_object_get(sub, "options"), "priority", json_integer(req->priority));
     }
+    rc = send_chord(env, ob, header, body, NULL, NULL, &from, err, errlen);
+    json_decref(header);
     json_decref(body);
     if (rc == 0)
         return outbox_flush(env, ob, err, errlen);

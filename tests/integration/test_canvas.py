@@ -76,6 +76,14 @@ def test_chain_native_python_native(capp, native, python):
     assert ran_on(native, r.parent.parent.id) and ran_on(python, r.parent.id) and ran_on(native, r.id)
 
 
+def test_chain_into_a_chord(capp, native, python):
+    # chain(a, chord(header, body)): the worker that finishes `a` starts the chord, passing a's result to every
+    # header task; the header mixes native and Python tasks.
+    r = chain(S(capp, "native.add", 1, 1),
+              chord([S(capp, "native.add", 1), S(capp, "py.mul", 10)], S(capp, "native.xsum"))).apply_async()
+    assert r.get(timeout=TIMEOUT) == (2 + 1) + 2 * 10
+
+
 def test_group_of_20(capp, native):
     r = group(S(capp, "native.add", i, i) for i in range(20)).apply_async()
     assert r.get(timeout=TIMEOUT) == [2 * i for i in range(20)]
