@@ -234,6 +234,15 @@ def main():
         if follow is None:
             say("        (the worker did not keep serving after the unknown task)")
 
+        say("\nWorkflows (celery.chain / chord, sent by the stock client, continued by celeriac):")
+        from celery import chain, chord
+        from python_tasks.native import fib_tree, retry_n
+        demo.call("chain(add(1, 2) | add(3) | add(4))", chain(add.s(1, 2), add.s(3), add.s(4)), 10)
+        demo.call("chord([add(i, i) for i < 100], xsum)", chord([add.s(i, i) for i in range(100)], xsum.s()),
+                  sum(2 * i for i in range(100)))
+        demo.call("retry_n.delay(3): retried 3 times", retry_n.s(3), 3)
+        demo.call("fib_tree.delay(22, 14): ~170 tasks", fib_tree.s(22, 14), 17711)
+
         # what celeriac logged about some of them, in Celery's format
         lines = [ln for ln in worker.log().splitlines()
                  if re.search(r"Task native\.(add|fail|no_such_task)\[", ln) or "NotRegistered" in ln]
