@@ -517,9 +517,13 @@ static int fire_body(const struct canvas_env *env, redisContext *c, const struct
         else
             outbox_free(ob);
         if (rc == 0) {
-            r = redisCommand(c, "DEL %s %s %s", jkey, tkey, skey);
-            if (r)
-                freeReplyObject(r);
+            /* Clean-up nobody waits for: sent now, its reply read at the connection's next use. */
+            redisAppendCommand(c, "DEL %s %s %s", jkey, tkey, skey);
+            int done = 0;
+            while (!done && redisBufferWrite(c, &done) == REDIS_OK)
+                ;
+            if (done)
+                (*env->backend_unread)++;
         }
     }
     buf_free(&failed);

@@ -29,6 +29,9 @@ struct canvas_env {
     const char *native_queue;  /* see above */
     const char *default_queue; /* see above */
     long result_expires;       /* seconds for the chord keys and stored documents; 0: no expiry */
+    /* Replies still owed on the backend connection for commands sent without waiting (the clean-up after a
+     * chord fired); the backend getter reads them before handing the connection out again. */
+    int *backend_unread;
 };
 
 /* On success: sends the callbacks (args [retval] + their args) and the next chain link. Appends the ids of

@@ -31,6 +31,7 @@ struct executor {
     struct executor_options opt;
     redisContext *conn;         /* the broker's Redis: opened on first use, reopened after an error */
     redisContext *backend_conn; /* the result backend: the same */
+    int backend_unread;         /* replies owed on backend_conn (see canvas_env) */
     struct canvas_env canvas;
     char last_id[256];          /* the id of the message last run */
     const struct msg_request *current; /* the request being run (for update_state), else NULL */
@@ -63,7 +64,16 @@ static redisContext *canvas_backend(void *arg, char *err, size_t errlen)
         snprintf(err, errlen, "no result backend is configured");
         return NULL;
     }
-    return connection(&ex->backend_conn, ex->opt.backend, err, errlen);
+    redisContext *c = connection(&ex->backend_conn, ex->opt.backend, err, errlen);
+    for (; c && ex->backend_unread > 0; ex->backend_unread--) {
+        void *r = NULL;
+        if (redisGetReply(c, &r) != REDIS_OK)
+            break; /* the connection is reopened on its next use */
+        freeReplyObject(r);
+    }
+    if (!c || c->err)
+        ex->backend_unread = 0;
+    return c && !c->err ? c : connection(&ex->backend_conn, ex->opt.backend, err, errlen);
 }
 
 struct executor *executor_new(const struct executor_options *opt)
@@ -73,7 +83,7 @@ struct executor *executor_new(const struct executor_options *opt)
         abort();
     ex->opt = *opt;
     ex->canvas = (struct canvas_env){canvas_broker,     canvas_backend,     ex, opt->hostname, opt->native_queue,
-                                     opt->default_queue, opt->result_expires};
+                                     opt->default_queue, opt->result_expires, &ex->backend_unread};
     /* No SA_RESTART: a task blocked in a system call (sleep, read) must wake up to notice the limit. */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
