@@ -115,6 +115,17 @@ int broker_restore_visible(struct broker *b, double now);
 
 const char *broker_errstr(const struct broker *b);
 
+/* Remote control's add_consumer / cancel_consumer: start (or resume) and stop consuming from a queue. A
+ * cancelled queue keeps its index (deliveries taken from it are still acked and requeued there). Both redo the
+ * wake-up tracking, blocking for a round trip or two. add returns 0, or -1 past 63 queues (broker_errstr);
+ * cancel returns 0, or -1 when the queue is not consumed. queue borrowed (copied). */
+int broker_add_queue(struct broker *b, const char *queue);
+int broker_cancel_queue(struct broker *b, const char *queue);
+/* Every queue the broker knows, in order (index < broker_queue_count): its name (borrowed from b) and
+ * whether it is consumed now. */
+size_t broker_queue_count(const struct broker *b);
+const char *broker_queue_name(const struct broker *b, size_t i, bool *consumed);
+
 /* The Redis list that holds messages of `priority` for `queue`, as kombu names it: priorities are clamped to
  * 0..9 and rounded down to the steps 0, 3, 6, 9; step 0 is the queue name itself, the others append
  * "\x06\x16" and the step digit ("celery\x06\x163"). Writes at most dstlen bytes including the NUL;

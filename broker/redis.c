@@ -20,7 +20,8 @@ struct fetch {
     struct broker *b;
     int requested;
     unsigned long wake_seq; /* invalidations seen when it was sent */
-    int list_queue[];       /* list number (0-based, in the order sent) -> queue index */
+    size_t nq;              /* queues it asked (the consumed ones when it was sent) */
+    int list_queue[];       /* list number (0-based, in the order sent: nq * NPRIO) -> queue index */
 };
 #define POLL_FALLBACK_S 0.05
 #define BACKOFF_MIN 0.1
@@ -187,7 +188,8 @@ struct broker {
     struct broker_handlers h;
     void *arg;
 
-    char **queues;           /* owned copies */
+    char **queues;           /* owned copies; a queue once known keeps its index (deliveries refer to it) */
+    bool *active;            /* consumed now: false after cancel_consumer, until add_consumer */
     char **queues_json;      /* the names JSON-escaped, for the unacked record */
     size_t nqueues;
     size_t rotation;         /* round robin: the queue that is asked first */
@@ -236,7 +238,7 @@ static int load_script(struct broker *b, const char *src, char *sha)
 static bool is_queue_key(const struct broker *b, const char *key, size_t len)
 {
     for (size_t i = 0; i < b->nqueues * NPRIO; i++)
-        if (strlen(b->keys[i]) == len && memcmp(b->keys[i], key, len) == 0)
+        if (b->active[i / NPRIO] && strlen(b->keys[i]) == len && memcmp(b->keys[i], key, len) == 0)
             return true;
     return false;
 }
@@ -267,7 +269,7 @@ static void on_wake_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
 static bool prefix_covered(const struct broker *b, size_t i)
 {
     for (size_t j = 0; j < b->nqueues; j++) {
-        if (j == i)
+        if (j == i || !b->active[j])
             continue;
         size_t lj = strlen(b->queues[j]);
         if (strncmp(b->queues[i], b->queues[j], lj) == 0 && (strlen(b->queues[i]) > lj || j < i))
@@ -314,7 +316,7 @@ static void setup_tracking(struct broker *b, const struct broker_endpoint *ep)
     for (size_t i = 0; i < 7; i++)
         argv[argc++] = head[i];
     for (size_t i = 0; i < b->nqueues; i++) {
-        if (prefix_covered(b, i))
+        if (!b->active[i] || prefix_covered(b, i))
             continue;
         argv[argc++] = "PREFIX";
         argv[argc++] = b->queues[i];
@@ -405,10 +407,12 @@ struct broker *broker_open(const struct broker_endpoint *ep, const struct broker
     b->nqueues = opt->nqueues;
     b->queues = calloc(opt->nqueues, sizeof *b->queues);
     b->queues_json = calloc(opt->nqueues, sizeof *b->queues_json);
+    b->active = calloc(opt->nqueues, sizeof *b->active);
     b->keys = calloc(opt->nqueues * NPRIO, sizeof *b->keys);
     for (size_t q = 0; q < opt->nqueues; q++) {
         b->queues[q] = strdup(opt->queues[q]);
         b->queues_json[q] = json_escaped(opt->queues[q]);
+        b->active[q] = true;
         for (size_t p = 0; p < NPRIO; p++) {
             size_t n = strlen(opt->queues[q]) + 4;
             b->keys[q * NPRIO + p] = malloc(n);
@@ -450,6 +454,7 @@ void broker_close(struct broker *b)
             free(b->keys[q * NPRIO + p]);
     }
     free(b->queues);
+    free(b->active);
     free(b->queues_json);
     free(b->keys);
     free(b->tracking_argv);
@@ -705,8 +710,9 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
         msg->str = NULL;
         d->tag = strdup(tag->str);
         long long list = idx->integer - 1;
-        d->queue = list >= 0 && (size_t)list < b->nqueues * NPRIO ? f->list_queue[list] : 0;
-        d->priority = list >= 0 && (size_t)list < b->nqueues * NPRIO ? (int)((size_t)list / b->nqueues) * 3 : 0;
+        bool known = list >= 0 && (size_t)list < f->nq * NPRIO;
+        d->queue = known ? f->list_queue[list] : 0;
+        d->priority = known ? (int)((size_t)list / f->nq) * 3 : 0;
         last_queue = d->queue;
         tagset_add(&b->held, d->tag);
         b->h.on_deliver(b->arg, d);
@@ -740,12 +746,18 @@ void broker_fetch(struct broker *b, int max)
         return;
     if (max > MAX_FETCH)
         max = MAX_FETCH;
-    size_t nkeys = b->nqueues * NPRIO;
+    size_t nq = 0;
+    for (size_t q = 0; q < b->nqueues; q++)
+        nq += b->active[q];
+    if (!nq)
+        return; /* every queue cancelled: nothing to ask */
+    size_t nkeys = nq * NPRIO;
     size_t argc = 3 + 2 + nkeys + 3 + nkeys;
     struct fetch *f = malloc(sizeof *f + nkeys * sizeof *f->list_queue);
     if (!f)
         abort();
     f->b = b;
+    f->nq = nq;
     f->requested = max;
     f->wake_seq = b->wake_seq;
     const char **argv = malloc(argc * sizeof *argv);
@@ -763,11 +775,14 @@ void broker_fetch(struct broker *b, int max)
     argv[a++] = nk;
     argv[a++] = "unacked_index";
     argv[a++] = "unacked";
-    /* Priority-major across queues (kombu's BRPOP key order), starting at the round-robin position. */
-    size_t nq = b->nqueues, first_key = a;
+    /* Priority-major across the consumed queues (kombu's BRPOP key order), starting at the round-robin
+     * position. */
+    size_t first_key = a;
     for (size_t p = 0; p < NPRIO; p++) {
-        for (size_t i = 0; i < nq; i++) {
-            size_t q = (b->rotation + i) % nq;
+        for (size_t i = 0; i < b->nqueues; i++) {
+            size_t q = (b->rotation + i) % b->nqueues;
+            if (!b->active[q])
+                continue;
             f->list_queue[a - first_key] = (int)q;
             argv[a++] = b->keys[q * NPRIO + p];
         }
@@ -989,4 +1004,80 @@ int broker_restore_visible(struct broker *b, double now)
     if (restored)
         rconn_log(&b->main, BROKER_LOG_WARNING, "restored %d unacked message(s) older than the visibility timeout", restored);
     return restored;
+}
+
+/* The tracking prefixes follow the consumed queues: switched off, then set up again from scratch (Redis refuses
+ * prefixes that overlap ones already registered). Blocking for a round trip or two: control commands only. */
+static void retrack(struct broker *b)
+{
+    b->maybe_ready = true; /* a queue just added may hold messages */
+    if (!rconn_connected(&b->main))
+        return; /* connect_broker sets tracking up when it reconnects */
+    redisReply *r = rconn_call(&b->main, "CLIENT TRACKING OFF");
+    if (r)
+        freeReplyObject(r);
+    if (rconn_connected(&b->main))
+        setup_tracking(b, b->ep);
+}
+
+int broker_add_queue(struct broker *b, const char *queue)
+{
+    for (size_t q = 0; q < b->nqueues; q++) {
+        if (strcmp(b->queues[q], queue) == 0) {
+            if (!b->active[q]) {
+                b->active[q] = true;
+                retrack(b);
+            }
+            return 0;
+        }
+    }
+    if (b->nqueues >= 63) {
+        snprintf(b->errstr, sizeof b->errstr, "more than 63 queues");
+        return -1;
+    }
+    size_t q = b->nqueues;
+    b->queues = realloc(b->queues, (q + 1) * sizeof *b->queues);
+    b->queues_json = realloc(b->queues_json, (q + 1) * sizeof *b->queues_json);
+    b->active = realloc(b->active, (q + 1) * sizeof *b->active);
+    b->keys = realloc(b->keys, (q + 1) * NPRIO * sizeof *b->keys);
+    if (!b->queues || !b->queues_json || !b->active || !b->keys)
+        abort();
+    b->queues[q] = strdup(queue);
+    b->queues_json[q] = json_escaped(queue);
+    if (!b->queues[q] || !b->queues_json[q])
+        abort();
+    b->active[q] = true;
+    for (size_t p = 0; p < NPRIO; p++) {
+        size_t n = strlen(queue) + 4;
+        b->keys[q * NPRIO + p] = malloc(n);
+        if (!b->keys[q * NPRIO + p])
+            abort();
+        broker_priority_key(b->keys[q * NPRIO + p], n, queue, (int)p * 3);
+    }
+    b->nqueues++;
+    retrack(b);
+    return 0;
+}
+
+int broker_cancel_queue(struct broker *b, const char *queue)
+{
+    for (size_t q = 0; q < b->nqueues; q++) {
+        if (strcmp(b->queues[q], queue) == 0 && b->active[q]) {
+            b->active[q] = false;
+            retrack(b);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+size_t broker_queue_count(const struct broker *b)
+{
+    return b->nqueues;
+}
+
+const char *broker_queue_name(const struct broker *b, size_t i, bool *consumed)
+{
+    *consumed = b->active[i];
+    return b->queues[i];
 }

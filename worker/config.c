@@ -85,6 +85,10 @@ static const struct option_spec options[] = {
      "[default: libpq's PG* variables]"},
     {"pg-tables", 0, OPT_STRING, FIELD(pg_tables), "CELERIAC_PG_TABLES", NULL, "TABLE[,TABLE...]",
      "tables (name or schema.name) the native.pg_* tasks may touch [default: none]"},
+    {"http-port", 0, OPT_INT, FIELD(http_port), NULL, NULL, "PORT",
+     "serve /healthz, /readyz and /metrics (Prometheus) on this port [default: no HTTP server]"},
+    {"http-bind", 0, OPT_STRING, FIELD(http_bind), NULL, "0.0.0.0", "ADDR",
+     "IPv4 address the HTTP server listens on"},
     {"help", 0, OPT_HELP, 0, NULL, NULL, NULL, "show this help and exit"},
     {"version", 0, OPT_VERSION, 0, NULL, NULL, NULL, "show the version and exit"},
 };
@@ -630,5 +634,6 @@ void config_clear(struct config *c)
     free(c->database_url);
     free(c->pg_tables);
     free(c->default_queue);
+    free(c->http_bind);
     memset(c, 0, sizeof *c);
 }

@@ -64,6 +64,8 @@ struct config {
     char *database_url;         /* --database-url, else $DATABASE_URL: libpq URI or keyword string [NULL: libpq's
                                  * defaults]; checked by db_configure, not here, and never logged unredacted */
     char *pg_tables;            /* --pg-tables, else $CELERIAC_PG_TABLES: tables the db tasks may touch [none] */
+    int http_port;              /* --http-port: /healthz, /readyz, /metrics [0: no HTTP server] */
+    char *http_bind;            /* --http-bind IPv4 address for it ["0.0.0.0"] */
 };
 
 enum config_outcome {

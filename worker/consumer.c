@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -16,11 +17,16 @@
 
 #include "broker.h"
 #include "buf.h"
+#include "control.h"
 #include "executor.h"
+#include "http.h"
 #include "log.h"
 #include "message.h"
+#include "metrics.h"
 #include "pool.h"
+#include "pubsub.h"
 #include "result.h"
+#include "revoked.h"
 #include "task.h"
 
 /* One message from the moment it is fetched until it is settled (result stored and acked, or requeued). */
@@ -32,8 +38,11 @@ struct job {
     double hard_limit;                /* seconds, 0: none (the message's timelimit, else --time-limit) */
     double eta;                       /* epoch seconds before which it must not run; 0: at once */
     double expires;                   /* epoch seconds after which it is revoked, not run; INFINITY: never */
+    double received;                  /* epoch seconds it reached the worker (queue latency starts here) */
     bool acked;
     bool requeued;
+    bool started_sent;                /* task-started was sent (or events were off when it started) */
+    bool rate_ok;                     /* took its rate-limit token already (waited in `throttled`) */
     struct job *next;                 /* in the ready list or in its child's list */
 };
 
@@ -51,6 +60,8 @@ struct eta_heap {
 struct child_state {
     struct job_list jobs; /* sent to the child, in the order it runs them */
     uint64_t killed_seq;  /* the task the child was killed for exceeding its hard time limit, else 0 */
+    uint64_t revoked_seq; /* the task the child was signalled for by revoke(terminate=True), else 0 */
+    int revoke_signal;    /* the signal sent for it */
     double backlog;       /* sum of the expected runtimes of those jobs */
 };
 
@@ -61,6 +72,18 @@ struct child_state {
 #define COST_UNKNOWN 0.002 /* a task never seen is assumed long: handed only to an idle child */
 #define DISPATCH_HORIZON 0.002 /* queue to a busy child only while its backlog is shorter than this */
 #define CHILD_QUEUE_MAX 256
+
+/* Per-task-name settings changed by remote control: rate_limit (a token bucket of capacity 1, as Celery's
+ * TokenBucket: a burst is spread out at the rate) and time_limit (the hard limit of messages that set none). */
+#define TASK_LIMITS_MAX 64
+
+struct task_limits {
+    char *name;        /* owned */
+    double rate;       /* tasks per second; 0: unlimited */
+    double tokens;     /* 0..1 */
+    double last;       /* epoch seconds of the last refill */
+    double hard_limit; /* seconds; 0: none set here */
+};
 
 struct cost_slot {
     char *name; /* owned */
@@ -90,6 +113,9 @@ struct consumer {
     struct child_state *children;
 
     struct job_list ready; /* decoded, waiting for a child */
+    struct job_list throttled; /* waiting for a rate-limit token, in arrival order (counted in held) */
+    struct task_limits limits[TASK_LIMITS_MAX];
+    size_t nlimits;
     struct eta_heap eta;   /* ETA jobs not yet due (unacked, but not counted in `held`: stock Celery raises its
                             * prefetch count by one for each, so they do not hold up the queue) */
     char *scan_mark;       /* owned: tag of the first over-cap ETA message returned in this scan, or NULL */
@@ -105,6 +131,27 @@ struct consumer {
     uint64_t next_seq;
     unsigned long processed;
     bool stopping;         /* warm shutdown under way */
+
+    /* Remote control and events (protocol doc 8, 9). */
+    struct bus *bus;           /* the pidbox subscription and event publishing */
+    char *pidbox_channel;      /* owned: "/<db>.celery.pidbox" */
+    char *pidbox_member;       /* owned: our record in _kombu.binding.celery.pidbox */
+    char *event_prefix;        /* owned: "/<db>.celeryev/" */
+    long long clock;           /* Lamport clock: +1 per event sent, raised by every control request */
+    int utcoffset;             /* Python's time.timezone // 3600, computed once */
+    double started_at;         /* epoch seconds, for stats' uptime */
+    bool task_events;          /* -E, or enable_events */
+    double next_heartbeat;     /* epoch seconds */
+    json_t *task_batch;        /* task events of this pass, sent as one task.multi message; NULL: none */
+    struct revoked *revoked;   /* revoked task ids (also kept in Redis, REVOKED_KEY) */
+    json_t *totals;            /* stats' "total": tasks accepted per name */
+
+    /* Health and metrics (--http-port). */
+    struct http_server *http;  /* NULL: no --http-port */
+    struct metrics *metrics;
+    double broker_progress;    /* epoch seconds the broker last answered a fetch (or none was waiting) */
+    bool broker_was_up;
+    unsigned long broker_reconnects;
     bool cold;             /* cold shutdown requested */
 };
 
@@ -278,6 +325,136 @@ static void learn_cost(struct consumer *c, const char *name, double runtime)
         s->avg = s->avg < 0 ? runtime : 0.8 * s->avg + 0.2 * runtime;
 }
 
+/* ------------------------------------------------------------------ events */
+
+#define HEARTBEAT_FREQ 2.0   /* seconds between worker-heartbeat events, as Celery's default */
+#define TASK_BATCH_MAX 24    /* task events per task.multi message at most, as Celery's dispatcher */
+#define REVOKED_KEY "celeriac.revoked"
+
+/* A new event with the fields every event has (doc 8.1); advances the clock. */
+static json_t *event_new(struct consumer *c, const char *type)
+{
+    json_t *ev = json_pack("{s:s, s:s, s:i, s:i, s:I, s:f}", "type", type, "hostname", c->cfg->node_name,
+                           "utcoffset", c->utcoffset, "pid", (int)getpid(), "clock", (json_int_t)++c->clock,
+                           "timestamp", epoch_now());
+    if (!ev)
+        abort();
+    return ev;
+}
+
+/* A task event for j (uuid set), or NULL when task events are off: callers add their fields and hand it to
+ * task_event_send. */
+static json_t *task_event(struct consumer *c, const char *type, const struct job *j)
+{
+    if (!c->task_events || !j->req.id.s)
+        return NULL;
+    json_t *ev = event_new(c, type);
+    json_object_set_new(ev, "uuid", json_string(j->req.id.s));
+    return ev;
+}
+
+static void publish_event(struct consumer *c, const char *routing_key, const json_t *body)
+{
+    struct buf env = {0}, channel = {0};
+    control_event_envelope(&env, c->cfg->node_name, routing_key, body);
+    buf_printf(&channel, "%s%s", c->event_prefix, routing_key);
+    bus_publish(c->bus, channel.data, env.data, env.len);
+    buf_free(&env);
+    buf_free(&channel);
+}
+
+static void task_events_flush(struct consumer *c)
+{
+    if (!c->task_batch)
+        return;
+    publish_event(c, "task.multi", c->task_batch);
+    json_decref(c->task_batch);
+    c->task_batch = NULL;
+}
+
+/* Takes ownership of ev (NULL: nothing). Task events go out batched, once per loop pass, as Celery's do. */
+static void task_event_send(struct consumer *c, json_t *ev)
+{
+    if (!ev)
+        return;
+    if (!c->task_batch)
+        c->task_batch = json_array();
+    json_array_append_new(c->task_batch, ev);
+    if (json_array_size(c->task_batch) >= TASK_BATCH_MAX)
+        task_events_flush(c);
+}
+
+static int active_count(const struct consumer *c)
+{
+    int n = 0;
+    uint64_t seq;
+    double started;
+    for (int i = 0; i < pool_size(c->pool); i++)
+        n += pool_running(c->pool, i, &seq, &started);
+    return n;
+}
+
+/* worker-online, -heartbeat, -offline (doc 8.3): sent with or without -E, as Celery does. */
+static void worker_event(struct consumer *c, const char *type)
+{
+    json_t *ev = event_new(c, type);
+    json_object_set_new(ev, "freq", json_real(HEARTBEAT_FREQ));
+    json_object_set_new(ev, "active", json_integer(active_count(c)));
+    json_object_set_new(ev, "processed", json_integer((json_int_t)c->processed));
+    json_object_set_new(ev, "loadavg", control_loadavg());
+    /* Flower and the gossip treat these as a Celery worker's; the version is the protocol spoken. */
+    json_object_set_new(ev, "sw_ident", json_string("py-celery"));
+    json_object_set_new(ev, "sw_ver", json_string("5.2.6"));
+    json_object_set_new(ev, "sw_sys", json_string("Linux"));
+    char rk[32];
+    snprintf(rk, sizeof rk, "%s", type);
+    for (char *p = rk; *p; p++)
+        if (*p == '-')
+            *p = '.';
+    publish_event(c, rk, ev);
+    json_decref(ev);
+}
+
+static void event_received(struct consumer *c, const struct job *j)
+{
+    metrics_count(c->metrics, j->req.task.s, METRICS_RECEIVED);
+    json_t *ev = task_event(c, "task-received", j);
+    if (!ev)
+        return;
+    const struct msg_request *r = &j->req;
+    json_object_set_new(ev, "name", json_string(r->task.s ? r->task.s : ""));
+    json_object_set_new(ev, "args", json_string(r->argsrepr.s ? r->argsrepr.s : "()"));
+    json_object_set_new(ev, "kwargs", json_string(r->kwargsrepr.s ? r->kwargsrepr.s : "{}"));
+    json_object_set_new(ev, "root_id", r->root_id.s ? json_string(r->root_id.s) : json_null());
+    json_object_set_new(ev, "parent_id", r->parent_id.s ? json_string(r->parent_id.s) : json_null());
+    json_object_set_new(ev, "retries", json_integer(r->retries));
+    json_object_set_new(ev, "eta", r->eta.s && r->eta.len ? json_string(r->eta.s) : json_null());
+    json_object_set_new(ev, "expires", r->expires.s && r->expires.len ? json_string(r->expires.s) : json_null());
+    task_event_send(c, ev);
+}
+
+/* task-started once the child has begun running j (or, for a task too short to be seen running, just before
+ * its outcome). */
+static void event_started(struct consumer *c, struct job *j)
+{
+    if (j->started_sent)
+        return;
+    j->started_sent = true;
+    task_event_send(c, task_event(c, "task-started", j));
+}
+
+static void event_failed(struct consumer *c, const struct job *j, const char *type, const char *exception,
+                         const char *traceback)
+{
+    json_t *ev = task_event(c, type, j);
+    if (!ev)
+        return;
+    json_object_set_new(ev, "exception", json_string(exception));
+    if (traceback)
+        json_object_set_new(ev, "traceback", json_string(traceback));
+    task_event_send(c, ev);
+}
+
 /* ------------------------------------------------------------------ results */
 
 static void on_stored(void *arg, bool ok);
@@ -334,6 +511,7 @@ static void on_stored(void *arg, bool ok)
 static void fail_job(struct consumer *c, struct job *j, const char *exc_type, const char *message,
                      bool with_traceback)
 {
+    metrics_count(c->metrics, j->req.task.s, METRICS_FAILED);
     struct buf doc = {0};
     if (j->req.id.s) { /* even with ignore_result: see fail_doc in executor.c */
         struct buf tb = {0};
@@ -357,21 +535,40 @@ static void log_received(const struct job *j)
     }
 }
 
-/* Settles a job whose `expires` has passed without running it, as stock Celery's Request.revoked() does:
- * REVOKED with TaskRevokedError("expired") and a null traceback, then acked. j must be counted in held. */
-static void revoke_expired(struct consumer *c, struct job *j)
+/* Settles a job without running it (or after killing it), as stock Celery's Request.revoked() and
+ * terminate do (doc 7): REVOKED with TaskRevokedError(reason) ("expired", "revoked" or "terminated") and a
+ * null traceback, a task-revoked event, then acked. j must be counted in held. signum: 0 for none. */
+static void settle_revoked(struct consumer *c, struct job *j, const char *reason, int signum)
 {
+    metrics_count(c->metrics, j->req.task.s, METRICS_REVOKED);
     char label[256];
     job_label(j, label, sizeof label);
     log_info("Discarding revoked task: %s", label);
+    json_t *ev = task_event(c, "task-revoked", j);
+    if (ev) {
+        json_object_set_new(ev, "terminated", json_boolean(strcmp(reason, "terminated") == 0));
+        json_object_set_new(ev, "signum", signum ? json_integer(signum) : json_null());
+        json_object_set_new(ev, "expired", json_boolean(strcmp(reason, "expired") == 0));
+        task_event_send(c, ev);
+    }
     struct buf doc = {0};
     if (j->req.id.s) { /* even with ignore_result: stock stores errors unless the *task* ignores results */
         struct result_meta meta = {.task_id = j->req.id.s, .group_id = j->req.group.s,
                                    .parent_id = j->req.parent_id.s};
-        result_doc_exception(&doc, &meta, "REVOKED", "TaskRevokedError", "expired", NULL, epoch_now());
+        result_doc_exception(&doc, &meta, "REVOKED", "TaskRevokedError", reason, NULL, epoch_now());
     }
     store_doc(c, j, j->req.id.s, doc.data, doc.len);
     buf_free(&doc);
+}
+
+static void revoke_expired(struct consumer *c, struct job *j)
+{
+    settle_revoked(c, j, "expired", 0);
+}
+
+static bool job_revoked(struct consumer *c, const struct job *j)
+{
+    return j->req.id.s && revoked_has(c->revoked, j->req.id.s, epoch_now());
 }
 
 /* Reads the eta and expires headers into j. An empty string means none, as Celery's maybe_iso8601 has it.
@@ -454,6 +651,7 @@ static void eta_hold(struct consumer *c, struct job *j)
         if (eta_before(j, c->eta.v[last])) {
             struct job *out = eta_remove(&c->eta, last);
             log_received(j);
+            event_received(c, j);
             eta_push(&c->eta, j);
             j = out;
         }
@@ -461,6 +659,7 @@ static void eta_hold(struct consumer *c, struct job *j)
         return;
     }
     log_received(j);
+    event_received(c, j);
     eta_push(&c->eta, j);
 }
 
@@ -475,6 +674,8 @@ static void eta_release(struct consumer *c, double now)
             c->fetch_paused_until = c->fetch_resume_min; /* room for one more: look at the queue again */
         if (now > j->expires)
             revoke_expired(c, j);
+        else if (job_revoked(c, j))
+            settle_revoked(c, j, "revoked", 0);
         else
             list_push(&c->ready, j);
     }
@@ -491,6 +692,7 @@ static void on_deliver(void *arg, struct broker_delivery *d)
     j->delivery = d;
     j->seq = ++c->next_seq;
     j->expires = INFINITY;
+    c->broker_progress = j->received = epoch_now();
     c->held++;
     eta_scan_check(c, d->tag);
     if (c->stopping) {
@@ -506,23 +708,37 @@ static void on_deliver(void *arg, struct broker_delivery *d)
         size_t show = d->len < 512 ? d->len : 512;
         log_error("Received invalid message%s%s: %s; message (%zu bytes): %.*s", j->req.id.s ? " for task " : "",
                   j->req.id.s ? j->req.id.s : "", err, d->len, (int)show, d->raw);
+        json_t *ev = task_event(c, "task-rejected", j);
+        if (ev) {
+            json_object_set_new(ev, "requeue", json_false());
+            task_event_send(c, ev);
+        }
         fail_job(c, j, executor_decode_exc_type(rc), err, true);
         return;
     }
     if (!task_registry_find(j->req.task.s)) {
         log_error("Received unregistered task of type '%s'.\nThe message has been ignored and discarded.",
                   j->req.task.s);
+        struct buf exc = {0};
+        result_exc_repr(&exc, "NotRegistered", j->req.task.s);
+        event_failed(c, j, "task-failed", exc.data, NULL);
+        buf_free(&exc);
         fail_job(c, j, "NotRegistered", j->req.task.s, false);
         return;
     }
     if (job_read_times(c, j) < 0)
         return;
+    if (job_revoked(c, j)) { /* as Celery's strategy: no task-received for a revoked task */
+        settle_revoked(c, j, "revoked", 0);
+        return;
+    }
     double now = epoch_now();
     if (j->eta > now && now <= j->expires) {
         eta_hold(c, j);
         return;
     }
     log_received(j);
+    event_received(c, j);
     if (now > j->expires)
         revoke_expired(c, j);
     else
@@ -547,6 +763,9 @@ static void on_result(void *arg, int child, const struct pool_result *r)
     if (c->children[child].backlog < 0 || !c->children[child].jobs.len)
         c->children[child].backlog = 0;
     learn_cost(c, j->req.task.s, r->runtime);
+    metrics_count(c->metrics, j->req.task.s,
+                  r->retried ? METRICS_RETRIED : r->failed ? METRICS_FAILED : METRICS_SUCCEEDED);
+    metrics_runtime(c->metrics, j->req.task.s, r->runtime);
     if (r->failed || log_enabled(LOG_INFO)) {
         char label[256];
         job_label(j, label, sizeof label);
@@ -556,6 +775,23 @@ static void on_result(void *arg, int child, const struct pool_result *r)
             log_info("Task %s retry: %s", label, r->summary); /* stock Celery's wording */
         else
             log_info("Task %s succeeded in %.6gs: %s", label, r->runtime, r->summary);
+    }
+    if (c->task_events) {
+        event_started(c, j);
+        if (r->failed || r->retried) {
+            /* The traceback is in the result document (none when the task ignores results). */
+            json_t *doc = r->doc_len ? json_loadb(r->doc, r->doc_len, 0, NULL) : NULL;
+            event_failed(c, j, r->retried ? "task-retried" : "task-failed", r->summary,
+                         json_string_value(json_object_get(doc, "traceback")));
+            json_decref(doc);
+        } else {
+            json_t *ev = task_event(c, "task-succeeded", j);
+            if (ev) {
+                json_object_set_new(ev, "result", json_string(r->summary));
+                json_object_set_new(ev, "runtime", json_real(r->runtime));
+                task_event_send(c, ev);
+            }
+        }
     }
     if (r->stored) {
         job_ack(c, j); /* late ack: the child has had the result confirmed */
@@ -578,16 +814,24 @@ static void on_child_exit(void *arg, int child, int status)
     else
         snprintf(why, sizeof why, "exitcode %d", WEXITSTATUS(status));
     uint64_t killed_seq = c->children[child].killed_seq, running_seq = 0;
-    c->children[child].killed_seq = 0;
+    uint64_t revoked_seq = c->children[child].revoked_seq;
+    int revoke_signal = c->children[child].revoke_signal;
+    c->children[child].killed_seq = c->children[child].revoked_seq = 0;
     /* Only the job the child had started is lost with it; the ones behind it go to another child. */
     struct job *running = NULL;
     if (pool_died_running(c->pool, child, &running_seq) && lost.head && lost.head->seq == running_seq)
         running = list_pop(&lost);
+    if (running && running->seq == revoked_seq) {
+        c->processed++;
+        settle_revoked(c, running, "terminated", revoke_signal);
+        running = NULL;
+    }
     if (running && running->seq == killed_seq) {
         char label[256];
         job_label(running, label, sizeof label);
         log_error("Hard time limit (%gs) exceeded for %s", running->hard_limit, label);
         log_error("Task handler raised error: TimeLimitExceeded(%g,) [%s]", running->hard_limit, label);
+        metrics_count(c->metrics, running->req.task.s, METRICS_FAILED);
         c->processed++;
         struct buf doc = {0}, tb = {0};
         char message[64];
@@ -630,7 +874,7 @@ static void on_child_exit(void *arg, int child, int status)
         if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
             log_info("Pool process %d retired (task or memory limit); starting a new one",
                      (int)pool_child_pid(c->pool, child));
-        else if (!killed_seq)
+        else if (!killed_seq && !revoked_seq)
             log_error("Pool process %d exited (%s); starting a new one", (int)pool_child_pid(c->pool, child), why);
         if (pool_respawn(c->pool, child) < 0)
             log_critical("cannot restart pool process: %s", strerror(errno));
@@ -667,16 +911,115 @@ static int enforce_time_limits(struct consumer *c)
     return next < 0 ? -1 : (int)(next * 1000) + 1;
 }
 
+/* ------------------------------------------------------------------ rate limits */
+
+/* The limits entry of a task name (borrowed), created when asked; NULL when none (or the table is full). */
+static struct task_limits *task_limits(struct consumer *c, const char *name, bool create)
+{
+    for (size_t i = 0; i < c->nlimits; i++)
+        if (strcmp(c->limits[i].name, name) == 0)
+            return &c->limits[i];
+    if (!create || c->nlimits == TASK_LIMITS_MAX)
+        return NULL;
+    struct task_limits *l = &c->limits[c->nlimits++];
+    *l = (struct task_limits){.name = strdup(name), .tokens = 1.0, .last = epoch_now()};
+    if (!l->name)
+        abort();
+    return l;
+}
+
+static void refill(struct task_limits *l, double now)
+{
+    l->tokens = fmin(1.0, l->tokens + (now - l->last) * l->rate);
+    l->last = now;
+}
+
+/* Takes j's rate-limit token; false when its task has none left and j must wait. */
+static bool rate_take(struct consumer *c, struct job *j, double now)
+{
+    if (j->rate_ok)
+        return true;
+    struct task_limits *l = task_limits(c, j->req.task.s, false);
+    if (!l || l->rate <= 0)
+        return true;
+    refill(l, now);
+    if (l->tokens < 1.0 - 1e-9)
+        return false;
+    l->tokens -= 1.0;
+    j->rate_ok = true;
+    return true;
+}
+
+/* Moves the throttled jobs that have a token now back to the head of the ready list (they came first). */
+static void rate_release(struct consumer *c, double now)
+{
+    struct job_list keep = {0}, go = {0};
+    struct job *j;
+    while ((j = list_pop(&c->throttled)))
+        list_push(rate_take(c, j, now) ? &go : &keep, j);
+    c->throttled = keep;
+    if (!go.len)
+        return;
+    while ((j = list_pop(&c->ready)))
+        list_push(&go, j);
+    c->ready = go;
+}
+
+/* Milliseconds until the first throttled job gets its token; -1 when none waits. */
+static int rate_wait_ms(struct consumer *c, double now)
+{
+    double best = -1;
+    for (struct job *j = c->throttled.head; j; j = j->next) {
+        struct task_limits *l = task_limits(c, j->req.task.s, false);
+        if (!l || l->rate <= 0)
+            return 0;
+        refill(l, now);
+        double wait = (1.0 - l->tokens) / l->rate;
+        if (best < 0 || wait < best)
+            best = wait;
+    }
+    return best < 0 ? -1 : (int)ceil(best * 1000.0);
+}
+
+/* Celery's rate strings: "10/s", "100/m", "5/h", or a bare number per second. Tasks per second, 0 for "no
+ * limit" ("0", ""), -1 when unreadable. */
+static double parse_rate(const char *text)
+{
+    if (!text || !*text)
+        return 0;
+    char *end;
+    double n = strtod(text, &end);
+    if (end == text || n < 0 || !isfinite(n))
+        return -1;
+    if (!*end || strcmp(end, "/s") == 0)
+        return n;
+    if (strcmp(end, "/m") == 0)
+        return n / 60.0;
+    if (strcmp(end, "/h") == 0)
+        return n / 3600.0;
+    return -1;
+}
+
 /* ------------------------------------------------------------------ dispatch */
 
 static void dispatch(struct consumer *c)
 {
     int n = pool_size(c->pool);
     double now = epoch_now();
+    if (c->throttled.len)
+        rate_release(c, now);
     while (c->ready.len) {
         struct job *j = c->ready.head;
         if (now > j->expires) { /* it may have waited here, behind a backlog, past its expiry */
             revoke_expired(c, list_pop(&c->ready));
+            continue;
+        }
+        if (job_revoked(c, j)) { /* revoked while it waited here */
+            settle_revoked(c, list_pop(&c->ready), "revoked", 0);
+            continue;
+        }
+        if (!rate_take(c, j, now)) { /* waits for its token; the jobs behind it go on */
+            list_push(&c->throttled, list_pop(&c->ready));
             continue;
         }
         double cost = expected_cost(c, j->req.task.s);
@@ -691,8 +1034,13 @@ static void dispatch(struct consumer *c)
         if (cs->jobs.len && (cs->backlog + cost > DISPATCH_HORIZON || cs->jobs.len >= CHILD_QUEUE_MAX))
             break; /* every child has enough to do; the rest waits here, where it can still be requeued */
         list_pop(&c->ready);
+        json_t *total = json_object_get(c->totals, j->req.task.s);
+        json_object_set_new(c->totals, j->req.task.s, json_integer(total ? json_integer_value(total) + 1 : 1));
         j->cost = cost;
-        j->hard_limit = j->req.has_time_limit ? j->req.time_limit : c->cfg->time_limit;
+        metrics_queue_latency(c->metrics, now - fmax(j->received, j->eta));
+        struct task_limits *tl = task_limits(c, j->req.task.s, false);
+        j->hard_limit = j->req.has_time_limit ? j->req.time_limit
+                        : tl && tl->hard_limit > 0 ? tl->hard_limit : c->cfg->time_limit;
         cs->backlog += cost;
         pool_submit(c->pool, best, j->seq, j->delivery->raw, j->delivery->len);
         list_push(&cs->jobs, j);
@@ -706,6 +1054,588 @@ static void dispatch(struct consumer *c)
             store_doc(c, NULL, j->req.id.s, doc.data, doc.len);
             buf_free(&doc);
         }
+    }
+}
+
+/* ------------------------------------------------------------------ remote control */
+
+/* Request info for a job (doc 9.3); child < 0: not handed to a process yet. */
+static json_t *job_info(const struct consumer *c, const struct job *j, int child, bool running, double started)
+{
+    double time_start = -1;
+    if (running) /* pool_running's clock is monotonic; inspect shows epoch seconds */
+        time_start = epoch_now() - (pool_clock() - started);
+    return control_request_info(&j->req, c->cfg->node_name, j->acked,
+                                running && child >= 0 ? (int)pool_child_pid(c->pool, child) : 0, time_start);
+}
+
+/* The job child is running now, or NULL; *started gets its start time (pool_clock). */
+static struct job *running_job(const struct consumer *c, int child, double *started)
+{
+    uint64_t seq;
+    struct job *j = c->children[child].jobs.head;
+    if (j && pool_running(c->pool, child, &seq, started) && seq == j->seq)
+        return j;
+    return NULL;
+}
+
+static json_t *cmd_active(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    json_t *out = json_array();
+    for (int i = 0; i < pool_size(c->pool); i++) {
+        double started;
+        struct job *j = running_job(c, i, &started);
+        if (j)
+            json_array_append_new(out, job_info(c, j, i, true, started));
+    }
+    return out;
+}
+
+/* Prefetched, not running, not waiting for an ETA: the ready list and what children have queued. */
+static json_t *cmd_reserved(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    json_t *out = json_array();
+    for (int i = 0; i < pool_size(c->pool); i++) {
+        double started;
+        struct job *run = running_job(c, i, &started);
+        for (struct job *j = c->children[i].jobs.head; j; j = j->next)
+            if (j != run)
+                json_array_append_new(out, job_info(c, j, i, false, 0));
+    }
+    for (struct job *j = c->throttled.head; j; j = j->next)
+        json_array_append_new(out, job_info(c, j, -1, false, 0));
+    for (struct job *j = c->ready.head; j; j = j->next)
+        json_array_append_new(out, job_info(c, j, -1, false, 0));
+    return out;
+}
+
+static json_t *cmd_scheduled(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    json_t *out = json_array();
+    for (size_t i = 0; i < c->eta.n; i++) {
+        const struct job *j = c->eta.v[i];
+        /* priority: Celery's timer priority, always 6 for ETA entries (not the message's). */
+        json_array_append_new(out, json_pack("{s:s, s:i, s:o}", "eta", j->req.eta.s ? j->req.eta.s : "", "priority",
+                                             6, "request", job_info(c, j, -1, false, 0)));
+    }
+    return out;
+}
+
+static json_t *cmd_ping(struct consumer *c, const json_t *args)
+{
+    (void)c, (void)args;
+    return json_pack("{s:s}", "ok", "pong");
+}
+
+static json_t *cmd_clock(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    return json_pack("{s:I}", "clock", (json_int_t)c->clock);
+}
+
+static void add_task_name(const struct task_def *t, void *arg)
+{
+    json_array_append_new(arg, json_string(t->name));
+}
+
+static json_t *cmd_registered(struct consumer *c, const json_t *args)
+{
+    (void)c, (void)args;
+    json_t *out = json_array();
+    task_registry_each(add_task_name, out); /* in name order already, as Celery sorts them */
+    return out;
+}
+
+static json_t *cmd_active_queues(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    json_t *out = json_array();
+    for (size_t i = 0; i < broker_queue_count(c->broker); i++) {
+        bool consumed;
+        const char *name = broker_queue_name(c->broker, i, &consumed);
+        if (consumed)
+            json_array_append_new(out, control_queue_dict(name));
+    }
+    return out;
+}
+
+static json_t *cmd_revoked(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    return revoked_list(c->revoked, epoch_now());
+}
+
+static json_t *cmd_stats(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    char clock[32], vhost[16];
+    snprintf(clock, sizeof clock, "%lld", c->clock); /* a string in stats, an int in clock (doc 11.12) */
+    snprintf(vhost, sizeof vhost, "%d", c->broker_url.db);
+    json_t *pids = json_array();
+    for (int i = 0; i < pool_size(c->pool); i++)
+        json_array_append_new(pids, json_integer(pool_child_pid(c->pool, i)));
+    json_t *mtpc = c->cfg->max_tasks_per_child ? json_integer(c->cfg->max_tasks_per_child) : json_string("N/A");
+    json_t *out = json_pack(
+        "{s:O, s:i, s:s, s:I, s:{s:i, s:o, s:o, s:b, s:[f, f], s:{}}, "
+        "s:{s:s, s:s?, s:s, s:i, s:b, s:b, s:s, s:i, s:{}, s:n, s:n, s:f, s:s, s:[]}, s:i, s:o}",
+        "total", c->totals, "pid", (int)getpid(), "clock", clock, "uptime", (json_int_t)(epoch_now() - c->started_at),
+        "pool", "max-concurrency", pool_size(c->pool), "processes", pids, "max-tasks-per-child", mtpc,
+        "put-guarded-by-semaphore", 0, "timeouts", c->cfg->soft_time_limit, c->cfg->time_limit, "writes",
+        "broker", "hostname", c->broker_url.host ? c->broker_url.host : c->broker_url.socket, "userid",
+        c->broker_url.username, "virtual_host", vhost, "port", c->broker_url.port, "insist", 0, "ssl", 0, "transport",
+        c->broker_url.socket ? "redis+socket" : "redis", "connect_timeout", 4, "transport_options", "login_method",
+        "uri_prefix", "heartbeat", 120.0, "failover_strategy", "round-robin", "alternates", "prefetch_count",
+        c->prefetch, "rusage", control_rusage());
+    if (!out)
+        abort();
+    return out;
+}
+
+static json_t *cmd_conf(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    const struct config *cfg = c->cfg;
+    /* Celery's setting names, passwords masked as `celery inspect conf` masks them. */
+    return json_pack("{s:s, s:s?, s:i, s:i, s:b, s:b, s:b, s:s, s:{s:f}, s:I}", "broker_url", c->broker_display,
+                     "result_backend", c->backend_display, "worker_concurrency", cfg->concurrency,
+                     "worker_prefetch_multiplier", cfg->prefetch_multiplier, "task_acks_late", cfg->acks_late,
+                     "task_track_started", cfg->track_started, "worker_send_task_events", c->task_events,
+                     "task_default_queue", cfg->default_queue, "broker_transport_options", "visibility_timeout",
+                     cfg->visibility_timeout, "result_expires", (json_int_t)cfg->result_expires);
+}
+
+static json_t *cmd_report(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    struct buf text = {0};
+    buf_printf(&text,
+               "software -> celeriac:%s (speaks Celery 5.2.6's protocol) kombu-redis\n"
+               "platform -> system:Linux impl:C\nloader -> none (native tasks)\nsettings -> transport:redis "
+               "results:%s\n\nbroker_url: '%s'\nresult_backend: %s\n",
+               CELERIAC_VERSION, c->backend ? "redis" : "disabled", c->broker_display,
+               c->backend_display ? c->backend_display : "None");
+    json_t *out = json_pack("{s:s}", "ok", text.data);
+    buf_free(&text);
+    return out;
+}
+
+static json_t *cmd_hello(struct consumer *c, const json_t *args)
+{
+    const char *from = json_string_value(json_object_get(args, "from_node"));
+    if (from && strcmp(from, c->cfg->node_name) == 0)
+        return NULL; /* our own broadcast: Celery answers None */
+    const json_t *theirs = json_object_get(args, "revoked");
+    const char *id;
+    const json_t *v;
+    double now = epoch_now();
+    json_object_foreach((json_t *)theirs, id, v)
+        revoked_add(c->revoked, id, now); /* mingle: merge what the other node knows */
+    return json_pack("{s:o, s:I}", "revoked", revoked_map(c->revoked, now), "clock", (json_int_t)c->clock);
+}
+
+static json_t *cmd_shutdown(struct consumer *c, const json_t *args)
+{
+    (void)c, (void)args;
+    log_warning("Got shutdown from remote");
+    if (!got_term)
+        got_term = 1; /* the loop starts a warm shutdown, as on SIGTERM */
+    return NULL;
+}
+
+static json_t *cmd_heartbeat(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    worker_event(c, "worker-heartbeat");
+    return NULL;
+}
+
+static json_t *cmd_enable_events(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    bool was = c->task_events;
+    c->task_events = true;
+    if (!was)
+        log_info("Events of group {task} enabled by remote.");
+    return json_pack("{s:s}", "ok", was ? "task events already enabled" : "task events enabled");
+}
+
+static json_t *cmd_disable_events(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    bool was = c->task_events;
+    c->task_events = false;
+    if (was)
+        log_info("Events of group {task} disabled by remote.");
+    return json_pack("{s:s}", "ok", was ? "task events disabled" : "task events already disabled");
+}
+
+/* "SIGTERM", "TERM", "sigkill", "9" -> the number; 0 when unknown. */
+static int parse_signal(const char *name)
+{
+    if (!name)
+        return SIGTERM;
+    char *end;
+    long n = strtol(name, &end, 10);
+    if (*name && !*end)
+        return n > 0 && n < NSIG ? (int)n : 0;
+    if (strncasecmp(name, "SIG", 3) == 0)
+        name += 3;
+    for (int sig = 1; sig < NSIG; sig++) {
+        const char *abbrev = sigabbrev_np(sig);
+        if (abbrev && strcasecmp(abbrev, name) == 0)
+            return sig;
+    }
+    return 0;
+}
+
+/* Settles, at once, a revoked job that waits in the ETA heap or the ready list, so its client does not wait
+ * for the ETA to learn it is REVOKED. Returns whether one was found. */
+static bool revoke_waiting(struct consumer *c, const char *id)
+{
+    for (size_t i = 0; i < c->eta.n; i++) {
+        if (c->eta.v[i]->req.id.s && strcmp(c->eta.v[i]->req.id.s, id) == 0) {
+            struct job *j = eta_remove(&c->eta, i);
+            c->held++; /* settling acks it, which counts it out of held */
+            settle_revoked(c, j, "revoked", 0);
+            return true;
+        }
+    }
+    struct job_list *lists[] = {&c->ready, &c->throttled};
+    for (size_t k = 0; k < 2; k++) {
+        struct job_list *l = lists[k];
+        struct job *prev = NULL;
+        for (struct job *j = l->head; j; prev = j, j = j->next) {
+            if (!j->req.id.s || strcmp(j->req.id.s, id) != 0)
+                continue;
+            if (prev)
+                prev->next = j->next;
+            else
+                l->head = j->next;
+            if (l->tail == j)
+                l->tail = prev;
+            l->len--;
+            j->next = NULL;
+            settle_revoked(c, j, "revoked", 0);
+            return true;
+        }
+    }
+    return false;
+}
+
+static json_t *cmd_revoke(struct consumer *c, const json_t *args)
+{
+    const json_t *ids = json_object_get(args, "task_id");
+    json_t *list = json_is_string(ids) ? json_pack("[O]", ids) : json_is_array(ids) ? json_incref((json_t *)ids)
+                                                                                     : json_array();
+    bool terminate = json_is_true(json_object_get(args, "terminate"));
+    int sig = parse_signal(json_string_value(json_object_get(args, "signal")));
+    if (terminate && !sig) {
+        json_decref(list);
+        return json_pack("{s:s}", "error", "ValueError('unknown signal')");
+    }
+    double now = epoch_now();
+    struct buf joined = {0}, killed = {0};
+    size_t i;
+    const json_t *v;
+    json_array_foreach(list, i, v) {
+        const char *id = json_string_value(v);
+        if (!id)
+            continue;
+        buf_printf(&joined, "%s%s", joined.len ? ", " : "", id);
+        revoked_add(c->revoked, id, now);
+        bus_revoked_add(c->bus, REVOKED_KEY, id, now, REVOKED_TTL, REVOKED_MAX);
+        revoke_waiting(c, id);
+        for (int k = 0; terminate && k < pool_size(c->pool); k++) {
+            double started;
+            struct job *j = running_job(c, k, &started);
+            if (!j || !j->req.id.s || strcmp(j->req.id.s, id) != 0 || c->children[k].revoked_seq)
+                continue;
+            log_info("Terminating %s (Signals.SIG%s)", id, sigabbrev_np(sig) ? sigabbrev_np(sig) : "?");
+            c->children[k].revoked_seq = j->seq;
+            c->children[k].revoke_signal = sig;
+            kill(pool_child_pid(c->pool, k), sig); /* on_child_exit settles it as REVOKED "terminated" */
+            buf_printf(&killed, "%s%s", killed.len ? ", " : "", id);
+        }
+    }
+    log_info("Tasks flagged as revoked: %s", joined.len ? joined.data : "");
+    json_t *out;
+    if (terminate) {
+        struct buf msg = {0};
+        buf_printf(&msg, "terminate: %s", killed.len ? killed.data : "tasks unknown");
+        out = json_pack("{s:s}", "ok", msg.data);
+        buf_free(&msg);
+    } else {
+        struct buf msg = {0};
+        buf_printf(&msg, "tasks %s flagged as revoked", joined.len ? joined.data : "");
+        out = json_pack("{s:s}", "ok", msg.data);
+        buf_free(&msg);
+    }
+    buf_free(&joined);
+    buf_free(&killed);
+    json_decref(list);
+    return out;
+}
+
+static json_t *cmd_query_task(struct consumer *c, const json_t *args)
+{
+    const json_t *ids = json_object_get(args, "ids");
+    json_t *out = json_object();
+    size_t k;
+    const json_t *v;
+    json_array_foreach(ids, k, v) {
+        const char *id = json_string_value(v);
+        for (int i = 0; id && i < pool_size(c->pool); i++) {
+            double started;
+            struct job *run = running_job(c, i, &started);
+            for (struct job *j = c->children[i].jobs.head; j; j = j->next)
+                if (j->req.id.s && strcmp(j->req.id.s, id) == 0)
+                    json_object_set_new(out, id, json_pack("[s, o]", j == run ? "active" : "reserved",
+                                                           job_info(c, j, i, j == run, started)));
+        }
+        for (struct job *j = c->ready.head; id && j; j = j->next)
+            if (j->req.id.s && strcmp(j->req.id.s, id) == 0)
+                json_object_set_new(out, id, json_pack("[s, o]", "reserved", job_info(c, j, -1, false, 0)));
+    }
+    return out;
+}
+
+static json_t *ok_reply(const char *text)
+{
+    return json_pack("{s:s}", "ok", text);
+}
+
+static json_t *error_reply(const char *text)
+{
+    return json_pack("{s:s}", "error", text);
+}
+
+static json_t *cmd_rate_limit(struct consumer *c, const json_t *args)
+{
+    const char *name = json_string_value(json_object_get(args, "task_name"));
+    const json_t *rl = json_object_get(args, "rate_limit");
+    char text[64] = "";
+    if (json_is_string(rl))
+        snprintf(text, sizeof text, "%s", json_string_value(rl));
+    else if (json_is_number(rl))
+        snprintf(text, sizeof text, "%g", json_number_value(rl));
+    double rate = parse_rate(text);
+    if (rate < 0) {
+        struct buf msg = {0};
+        buf_printf(&msg, "Invalid rate limit string: %s", text);
+        json_t *out = error_reply(msg.data);
+        buf_free(&msg);
+        return out;
+    }
+    if (!name || !task_registry_find(name)) {
+        log_error("Rate limit attempt for unknown task %s", name ? name : "None");
+        return error_reply("unknown task");
+    }
+    struct task_limits *l = task_limits(c, name, rate > 0);
+    if (!l)
+        return rate > 0 ? error_reply("too many task limits") : ok_reply("rate limit disabled successfully");
+    l->rate = rate;
+    l->tokens = 1.0;
+    l->last = epoch_now();
+    log_info("New rate limit for tasks of type %s: %s.", name, rate > 0 ? text : "None");
+    return ok_reply(rate > 0 ? "new rate limit set successfully" : "rate limit disabled successfully");
+}
+
+static json_t *cmd_time_limit(struct consumer *c, const json_t *args)
+{
+    const char *name = json_string_value(json_object_get(args, "task_name"));
+    const json_t *hard = json_object_get(args, "hard"), *soft = json_object_get(args, "soft");
+    if (!name || !task_registry_find(name)) {
+        log_error("Change time limit attempt for unknown task %s", name ? name : "None");
+        return error_reply("unknown task");
+    }
+    struct task_limits *l = task_limits(c, name, true);
+    if (!l)
+        return error_reply("too many task limits");
+    l->hard_limit = json_is_number(hard) ? json_number_value(hard) : 0;
+    log_info("New time limits for tasks of type %s: soft=%s hard=%g", name, json_is_number(soft) ? "ignored" : "none",
+             l->hard_limit);
+    /* Soft limits are armed inside the pool processes from the message or --soft-time-limit; a per-name
+     * override would have to travel with each task. Said in the reply rather than silently dropped. */
+    if (json_is_number(soft) && json_number_value(soft) > 0)
+        return ok_reply("time limits set successfully (hard only: celeriac has no per-task soft limit override)");
+    return ok_reply("time limits set successfully");
+}
+
+static json_t *cmd_not_implemented(struct consumer *c, const json_t *args)
+{
+    (void)c, (void)args;
+    /* What a stock worker answers when its pool cannot do it (doc 9.3 autoscale). */
+    return error_reply("NotImplementedError('not supported by celeriac: the pool size is fixed at start')");
+}
+
+/* add_consumer / cancel_consumer: the queue is consumed the default way (exchange and routing key named as
+ * the queue); exchange, exchange_type and routing_key arguments are not used, since on Redis a task's queue is
+ * the list it was pushed to. */
+static json_t *queue_reply(const char *prefix, const char *queue)
+{
+    struct buf msg = {0};
+    buf_printf(&msg, "%s%s", prefix, queue);
+    json_t *out = ok_reply(msg.data);
+    buf_free(&msg);
+    return out;
+}
+
+static json_t *cmd_add_consumer(struct consumer *c, const json_t *args)
+{
+    const char *queue = json_string_value(json_object_get(args, "queue"));
+    if (!queue || !*queue)
+        return error_reply("ValueError('queue name required')");
+    if (broker_add_queue(c->broker, queue) < 0)
+        return error_reply(broker_errstr(c->broker));
+    log_info("Started consuming from %s", queue);
+    return queue_reply("add consumer ", queue);
+}
+
+static json_t *cmd_cancel_consumer(struct consumer *c, const json_t *args)
+{
+    const char *queue = json_string_value(json_object_get(args, "queue"));
+    if (queue && broker_cancel_queue(c->broker, queue) == 0)
+        log_info("Stopped consuming from %s", queue);
+    /* Stock answers the same whether or not it consumed from it. */
+    return queue_reply("no longer consuming from ", queue ? queue : "None");
+}
+
+struct control_command {
+    const char *name;
+    json_t *(*fn)(struct consumer *c, const json_t *args); /* new reference; NULL is a null reply */
+};
+
+/* What stock `celery inspect` / `celery control` and Flower send (doc 9.3, 10). */
+static const struct control_command control_commands[] = {
+    {"active", cmd_active},
+    {"active_queues", cmd_active_queues},
+    {"add_consumer", cmd_add_consumer},
+    {"autoscale", cmd_not_implemented},
+    {"cancel_consumer", cmd_cancel_consumer},
+    {"clock", cmd_clock},
+    {"conf", cmd_conf},
+    {"disable_events", cmd_disable_events},
+    {"enable_events", cmd_enable_events},
+    {"heartbeat", cmd_heartbeat},
+    {"hello", cmd_hello},
+    {"ping", cmd_ping},
+    {"pool_grow", cmd_not_implemented},
+    {"pool_restart", cmd_not_implemented},
+    {"pool_shrink", cmd_not_implemented},
+    {"query_task", cmd_query_task},
+    {"rate_limit", cmd_rate_limit},
+    {"registered", cmd_registered},
+    {"report", cmd_report},
+    {"reserved", cmd_reserved},
+    {"revoke", cmd_revoke},
+    {"revoked", cmd_revoked},
+    {"scheduled", cmd_scheduled},
+    {"shutdown", cmd_shutdown},
+    {"stats", cmd_stats},
+    {"time_limit", cmd_time_limit},
+};
+
+static void on_control(void *arg, const char *channel, const char *data, size_t len)
+{
+    (void)channel;
+    struct consumer *c = arg;
+    struct control_request req;
+    if (control_decode(data, len, c->cfg->node_name, &req) != 1)
+        return;
+    if (req.clock > c->clock)
+        c->clock = req.clock;
+    c->clock++;
+    log_debug("pidbox received method %s [reply_to:%s ticket:%s]", req.method, req.reply_key ? req.reply_key : "-",
+              req.ticket ? req.ticket : "-");
+    json_t *value = NULL;
+    const struct control_command *cmd = NULL;
+    for (size_t i = 0; i < sizeof control_commands / sizeof *control_commands; i++)
+        if (strcmp(control_commands[i].name, req.method) == 0)
+            cmd = &control_commands[i];
+    if (cmd) {
+        value = cmd->fn(c, req.arguments);
+    } else {
+        struct buf err = {0};
+        result_exc_repr(&err, "KeyError", req.method); /* kombu's reply for a method it has no handler for */
+        value = json_pack("{s:s}", "error", err.data);
+        buf_free(&err);
+    }
+    /* shutdown never replies (doc 11.10), even when asked to. */
+    if (req.reply_key && req.ticket && !(cmd && cmd->fn == cmd_shutdown)) {
+        struct buf env = {0};
+        control_reply_envelope(&env, c->cfg->node_name, &req, c->clock, value);
+        bus_deliver_direct(c->bus, "_kombu.binding.reply.celery.pidbox", req.reply_key, env.data, env.len);
+        buf_free(&env);
+    }
+    json_decref(value);
+    control_request_clear(&req);
+}
+
+static void on_revoked_loaded(void *arg, const char *id, double when)
+{
+    revoked_add(arg, id, when);
+}
+
+/* Task-started for every job a child has begun since the last pass. */
+static void notice_started(struct consumer *c)
+{
+    if (!c->task_events)
+        return;
+    for (int i = 0; i < pool_size(c->pool); i++) {
+        double started;
+        struct job *j = running_job(c, i, &started);
+        if (j)
+            event_started(c, j);
+    }
+}
+
+/* ------------------------------------------------------------------ health and metrics */
+
+#define STALL_S 10.0 /* a fetch unanswered this long means the consumer is stuck: not ready */
+
+/* Why the worker is not ready (a static string), or NULL when it is. */
+static const char *not_ready_reason(const struct consumer *c, double now)
+{
+    if (c->stopping)
+        return "shutting down";
+    if (!broker_connected(c->broker))
+        return "broker disconnected";
+    if (c->backend && !backend_connected(c->backend))
+        return "result backend disconnected";
+    if (!bus_connected(c->bus))
+        return "control channel disconnected";
+    if (now - c->broker_progress > STALL_S)
+        return "consumer stalled: a fetch has had no answer";
+    return NULL;
+}
+
+static void on_http(void *arg, const char *path, struct buf *body, int *status, const char **content_type)
+{
+    struct consumer *c = arg;
+    double now = epoch_now();
+    const char *why = not_ready_reason(c, now);
+    *status = 200;
+    if (strcmp(path, "/healthz") == 0) {
+        buf_append_str(body, "ok\n"); /* answered by the loop itself: it turns */
+    } else if (strcmp(path, "/readyz") == 0) {
+        if (why) {
+            *status = 503;
+            buf_printf(body, "not ready: %s\n", why);
+        } else {
+            buf_append_str(body, "ready\n");
+        }
+    } else if (strcmp(path, "/metrics") == 0) {
+        int busy = active_count(c);
+        struct metrics_gauges g = {busy, pool_size(c->pool) - busy, c->held, (int)c->eta.n, c->broker_reconnects,
+                                   broker_connected(c->broker), !c->backend || backend_connected(c->backend), !why};
+        metrics_render(c->metrics, &g, body);
+        *content_type = "text/plain; version=0.0.4; charset=utf-8";
+    } else {
+        *status = 404;
+        buf_append_str(body, "not found: /healthz, /readyz, /metrics\n");
     }
 }
 
@@ -754,7 +1684,13 @@ static void begin_warm_shutdown(struct consumer *c)
     }
     if (held_eta)
         log_info("Restored %zu ETA message(s) to their queues", held_eta);
-    /* Back in reverse order, each to the consuming end, so the queue hands them out in the original order. */
+    /* Throttled jobs came before the ready ones. Back in reverse order, each to the consuming end, so the
+     * queue hands them out in the original order. */
+    struct job *t;
+    while ((t = list_pop(&c->ready)))
+        list_push(&c->throttled, t);
+    c->ready = c->throttled;
+    c->throttled = (struct job_list){0};
     int n = c->ready.len, i = 0;
     struct job **all = calloc((size_t)n + 1, sizeof *all);
     struct job *j;
@@ -778,6 +1714,7 @@ static bool busy(const struct consumer *c)
     /* broker_pending: requeues of a warm shutdown (up to --max-eta-reserved held ETA messages) may be more than
      * the socket takes at once; leaving before they are written would leave them to the visibility timeout. */
     return c->stores_in_flight > 0 || broker_fetch_in_flight(c->broker) > 0 || c->ready.len > 0 ||
+           c->throttled.len > 0 ||
            broker_pending(c->broker) > 0;
 }
 
@@ -841,6 +1778,41 @@ int consumer_run(const struct config *cfg)
                     "not stored");
     }
 
+    /* Remote control and events: kombu's fanout exchanges are pub/sub channels named with the db (doc 3.7). */
+    struct buf name = {0};
+    buf_printf(&name, "/%d.celery.pidbox", c->broker_url.db);
+    c->pidbox_channel = buf_steal(&name);
+    buf_printf(&name, "\x06\x16\x06\x16%s.celery.pidbox", cfg->node_name); /* routing key "", pattern "" */
+    c->pidbox_member = buf_steal(&name);
+    buf_printf(&name, "/%d.celeryev/", c->broker_url.db);
+    c->event_prefix = buf_steal(&name);
+    struct bus_options busopt = {c->pidbox_channel, "_kombu.binding.celery.pidbox", c->pidbox_member, on_control, c,
+                                 log_from_broker};
+    c->bus = bus_open(&c->broker_ep, &busopt, err, sizeof err);
+    if (!c->bus) {
+        log_critical("Cannot connect to %s: %s", c->broker_display, err);
+        goto out;
+    }
+    c->revoked = revoked_new(REVOKED_MAX, REVOKED_TTL);
+    c->totals = json_object();
+    c->utcoffset = control_utcoffset();
+    c->started_at = epoch_now();
+    c->task_events = cfg->send_events;
+    c->metrics = metrics_new();
+    c->broker_progress = c->started_at;
+    c->broker_was_up = true;
+    if (cfg->http_port) {
+        c->http = http_open(cfg->http_bind, cfg->http_port, on_http, c, err, sizeof err);
+        if (!c->http) {
+            log_critical("%s", err);
+            goto out;
+        }
+        log_info("Serving /healthz, /readyz and /metrics on http://%s:%d", cfg->http_bind, cfg->http_port);
+    }
+    long nrevoked = bus_revoked_load(c->bus, REVOKED_KEY, c->started_at, REVOKED_TTL, on_revoked_loaded, c->revoked);
+    if (nrevoked > 0)
+        log_info("Loaded %ld revoked task id(s) from Redis", nrevoked);
+
     log_info("Connected to %s", c->broker_display);
     struct buf qs = {0};
     for (size_t i = 0; i < cfg->nqueues; i++)
@@ -850,6 +1822,8 @@ int consumer_run(const struct config *cfg)
     buf_free(&qs);
     log_info("%s ready.", cfg->node_name);
     log_flush();
+    worker_event(c, "worker-online");
+    c->next_heartbeat = c->started_at + HEARTBEAT_FREQ;
 
     for (;;) {
         if (got_quit || got_term > 1) {
@@ -870,13 +1844,20 @@ int consumer_run(const struct config *cfg)
         int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
         if (!c->stopping && budget > 0 && now >= c->fetch_paused_until && broker_should_fetch(c->broker))
             broker_fetch(c->broker, budget);
+        notice_started(c);
+        if (now >= c->next_heartbeat) {
+            worker_event(c, "worker-heartbeat");
+            c->next_heartbeat = now + HEARTBEAT_FREQ;
+        }
+        task_events_flush(c);
+        bus_flush(c->bus);
         pool_flush(c->pool);
         broker_flush(c->broker);
         if (c->backend)
             backend_flush(c->backend);
         log_flush();
 
-        struct pollfd fds[8 + 256];
+        struct pollfd fds[32 + 256]; /* signal, broker 4, backend 2, bus 2, http 17, pool 256 */
         int nfds = 0;
         fds[nfds++] = (struct pollfd){signal_pipe[0], POLLIN, 0};
         int bfirst = nfds;
@@ -886,6 +1867,13 @@ int consumer_run(const struct config *cfg)
         if (c->backend)
             nfds += backend_pollfds(c->backend, fds + nfds, 2);
         int becount = nfds - befirst;
+        int busfirst = nfds;
+        nfds += bus_pollfds(c->bus, fds + nfds, 2);
+        int buscount = nfds - busfirst;
+        int hfirst = nfds;
+        if (c->http)
+            nfds += http_pollfds(c->http, fds + nfds, 17);
+        int hcount = nfds - hfirst;
         int pfirst = nfds;
         nfds += pool_pollfds(c->pool, fds + nfds, 256);
         int pcount = nfds - pfirst;
@@ -906,6 +1894,14 @@ int consumer_run(const struct config *cfg)
             int bt = backend_next_tick_ms(c->backend, now);
             timeout = bt < timeout ? bt : timeout;
         }
+        int hb = (int)ceil((c->next_heartbeat - now) * 1000.0);
+        hb = hb < 0 ? 0 : hb;
+        timeout = hb < timeout ? hb : timeout;
+        int bust = bus_next_tick_ms(c->bus, now);
+        timeout = bust < timeout ? bust : timeout;
+        int rate_ms = rate_wait_ms(c, now);
+        if (rate_ms >= 0 && rate_ms < timeout)
+            timeout = rate_ms;
         int limit_ms = enforce_time_limits(c);
         if (limit_ms >= 0 && limit_ms < timeout)
             timeout = limit_ms;
@@ -922,15 +1918,27 @@ int consumer_run(const struct config *cfg)
         if (n > 0) {
             pool_process(c->pool, fds + pfirst, pcount);
             broker_process(c->broker, fds + bfirst, bcount);
+            bus_process(c->bus, fds + busfirst, buscount);
             if (c->backend)
                 backend_process(c->backend, fds + befirst, becount);
         }
         now = epoch_now();
+        if (c->http)
+            http_process(c->http, fds + hfirst, n > 0 ? hcount : 0, now);
+        if (broker_fetch_in_flight(c->broker) == 0)
+            c->broker_progress = now;
         broker_tick(c->broker, now);
+        bool up = broker_connected(c->broker);
+        if (up && !c->broker_was_up)
+            c->broker_reconnects++;
+        c->broker_was_up = up;
+        bus_tick(c->bus, now);
         if (c->backend)
             backend_tick(c->backend, now);
     }
 
+    task_events_flush(c);
+    worker_event(c, "worker-offline"); /* receivers count the worker gone at once, not after 2 heartbeats */
     if (c->cold) {
         log_warning("worker: Cold shutdown (MainProcess)");
         pool_kill(c->pool);
@@ -958,11 +1966,24 @@ out:
     struct job *j;
     while ((j = list_pop(&c->ready)))
         job_free(j);
+    while ((j = list_pop(&c->throttled)))
+        job_free(j);
+    for (size_t i = 0; i < c->nlimits; i++)
+        free(c->limits[i].name);
     /* Cold shutdown: not requeued, so their unacked records stay for the visibility timeout. */
     for (size_t i = 0; i < c->eta.n; i++)
         job_free(c->eta.v[i]);
     free(c->eta.v);
     free(c->scan_mark);
+    bus_close(c->bus); /* sends what is queued (the worker-offline event) and drops our pidbox binding */
+    revoked_free(c->revoked);
+    http_close(c->http);
+    metrics_free(c->metrics);
+    json_decref(c->totals);
+    json_decref(c->task_batch);
+    free(c->pidbox_channel);
+    free(c->pidbox_member);
+    free(c->event_prefix);
     backend_close(c->backend);
     broker_close(c->broker);
     free(c->children);

@@ -308,6 +308,19 @@ def module_workers(request, redis_server):
         pytest.fail("\n".join(problems), pytrace=False)
 
 
+def private_redis(workers, extra_args=()):
+    """Generator for fixtures: a redis-server of the test's own, which it may stop or restart; workers started
+    on it are stopped before it is. Use as `yield from private_redis(workers, (...))`."""
+    rs = RedisServer(extra_args=extra_args)
+    rs.start()
+    yield rs
+    for w in workers.workers:
+        if w.running():
+            w.stop()
+    rs.stop()
+    rs.cleanup()
+
+
 @pytest.fixture
 def worker(workers):
     """One running worker with the defaults used by most tests: -c 2."""

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from conftest import close_client, make_client
-from servers import Celeriac, RedisServer
+from conftest import close_client, make_client, private_redis
+from servers import Celeriac
 from util import TIMEOUT, task_envelope, wait_until
 
 pytestmark = pytest.mark.celeriac_only("celeriac's reconnects, log lines and ACL-configured connections")
@@ -19,14 +19,7 @@ pytestmark = pytest.mark.celeriac_only("celeriac's reconnects, log lines and ACL
 def aof_redis(workers):
     """A private redis-server with an append-only file, so that its data (queues included) survives the
     restarts these tests do. Workers started on it are stopped before it is."""
-    rs = RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always"))
-    rs.start()
-    yield rs
-    for w in workers.workers:
-        if w.running():
-            w.stop()
-    rs.stop()
-    rs.cleanup()
+    yield from private_redis(workers, ("--appendonly", "yes", "--appendfsync", "always"))
 
 
 def test_acl_user_and_password(workers, redis_server):

@@ -1,0 +1,232 @@
+/* pubsub: see pubsub.h. Main process only. */
+#include "pubsub.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rconn.h"
+
+#define BACKOFF_MIN 0.1
+#define BACKOFF_MAX 5.0
+
+
+/* kombu's direct-exchange delivery: the binding records are "routing_key SEP pattern SEP queue"; every queue
+ * whose routing key matches gets the message at the head of its list (priority 0 is the queue name itself). */
+static const char deliver_script[] =
+    "local n = 0\n"
+    "for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do\n"
+    "  local a = string.find(m, '\\6\\22', 1, true)\n"
+    "  if a and string.sub(m, 1, a - 1) == ARGV[1] then\n"
+    "    local rest = string.sub(m, a + 2)\n"
+    "    local b = string.find(rest, '\\6\\22', 1, true)\n"
+    "    if b then redis.call('LPUSH', string.sub(rest, b + 2), ARGV[2]); n = n + 1 end\n"
+    "  end\n"
+    "end\n"
+    "return n\n";
+
+struct bus {
+    const struct broker_endpoint *ep; /* borrowed */
+    struct bus_options opt;           /* strings borrowed */
+    struct rconn sub, cmd;
+    double next_reconnect, backoff;
+    unsigned long reconnects;
+};
+
+static void on_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)c;
+    (void)steal;
+    struct bus *b = arg;
+    /* ["pmessage", pattern, channel, data]; subscription confirmations are ignored. */
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 4 || r->element[0]->type != REDIS_REPLY_STRING ||
+        strcmp(r->element[0]->str, "pmessage") != 0 || r->element[2]->type != REDIS_REPLY_STRING ||
+        r->element[3]->type != REDIS_REPLY_STRING)
+        return;
+    b->opt.on_message(b->opt.arg, r->element[2]->str, r->element[3]->str, r->element[3]->len);
+}
+
+static int connect_bus(struct bus *b, int timeout_ms)
+{
+    if (rconn_open(&b->cmd, "pubsub", b->ep, timeout_ms) < 0)
+        return -1;
+    if (rconn_open(&b->sub, "pubsub-sub", b->ep, timeout_ms) < 0) {
+        snprintf(b->cmd.errstr, sizeof b->cmd.errstr, "%s", b->sub.errstr);
+        rconn_close(&b->cmd);
+        return -1;
+    }
+    b->sub.push_cb = on_push;
+    b->sub.push_arg = b;
+    rconn_send(&b->sub, "PSUBSCRIBE %s", b->opt.pattern);
+    if (b->opt.binding_key && b->opt.binding_member)
+        rconn_command(&b->cmd, NULL, NULL, "SADD %s %s", b->opt.binding_key, b->opt.binding_member);
+    rconn_flush(&b->sub);
+    rconn_flush(&b->cmd);
+    b->backoff = 0;
+    return 0;
+}
+
+static void lost(struct bus *b, const char *why)
+{
+    rconn_log(&b->cmd, BROKER_LOG_ERROR, "pubsub: connection lost (%s); reconnecting", why);
+    rconn_close(&b->sub);
+    rconn_close(&b->cmd);
+    b->backoff = BACKOFF_MIN;
+    b->next_reconnect = rconn_epoch() + b->backoff;
+}
+
+struct bus *bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err, size_t errlen)
+{
+    struct bus *b = calloc(1, sizeof *b);
+    if (!b)
+        abort();
+    b->ep = ep;
+    b->opt = *opt;
+    b->sub.log = b->cmd.log = opt->log;
+    if (connect_bus(b, 5000) < 0) {
+        snprintf(err, errlen, "%s", b->cmd.errstr);
+        bus_close(b);
+        return NULL;
+    }
+    return b;
+}
+
+void bus_close(struct bus *b)
+{
+    if (!b)
+        return;
+    if (rconn_connected(&b->cmd) && b->opt.binding_key && b->opt.binding_member) {
+        /* Blocking, once, at exit: flushes what is queued (a worker-offline event) and drops our binding. */
+        redisReply *r = rconn_call(&b->cmd, "SREM %s %s", b->opt.binding_key, b->opt.binding_member);
+        if (r)
+            freeReplyObject(r);
+    } else if (rconn_connected(&b->cmd)) {
+        redisReply *r = rconn_call(&b->cmd, "PING");
+        if (r)
+            freeReplyObject(r);
+    }
+    rconn_close(&b->sub);
+    rconn_close(&b->cmd);
+    free(b->sub.q);
+    free(b->cmd.q);
+    free(b);
+}
+
+bool bus_connected(const struct bus *b)
+{
+    return rconn_connected(&b->sub) && rconn_connected(&b->cmd);
+}
+
+unsigned long bus_reconnects(const struct bus *b)
+{
+    return b->reconnects;
+}
+
+int bus_pollfds(struct bus *b, struct pollfd *fds, int max)
+{
+    int n = 0;
+    struct rconn *cs[] = {&b->sub, &b->cmd};
+    for (size_t i = 0; i < 2 && n < max; i++)
+        if (rconn_connected(cs[i]))
+            fds[n++] = (struct pollfd){rconn_fd(cs[i]), POLLIN | (rconn_wants_write(cs[i]) ? POLLOUT : 0), 0};
+    return n;
+}
+
+void bus_process(struct bus *b, const struct pollfd *fds, int n)
+{
+    struct rconn *cs[] = {&b->sub, &b->cmd};
+    for (size_t k = 0; k < 2; k++) {
+        struct rconn *c = cs[k];
+        for (int i = 0; i < n && rconn_connected(c); i++) {
+            if (fds[i].fd != rconn_fd(c) || !fds[i].revents)
+                continue;
+            if (((fds[i].revents & POLLOUT) && rconn_flush(c) < 0) ||
+                ((fds[i].revents & (POLLIN | POLLHUP | POLLERR)) && rconn_read(c) < 0)) {
+                char why[256];
+                snprintf(why, sizeof why, "%s", c->errstr);
+                lost(b, why);
+                return;
+            }
+        }
+    }
+}
+
+void bus_flush(struct bus *b)
+{
+    struct rconn *cs[] = {&b->sub, &b->cmd};
+    for (size_t k = 0; k < 2; k++) {
+        if (rconn_connected(cs[k]) && rconn_flush(cs[k]) < 0) {
+            char why[256];
+            snprintf(why, sizeof why, "%s", cs[k]->errstr);
+            lost(b, why);
+            return;
+        }
+    }
+}
+
+void bus_tick(struct bus *b, double now)
+{
+    if (bus_connected(b) || now < b->next_reconnect)
+        return;
+    rconn_close(&b->sub);
+    rconn_close(&b->cmd);
+    if (connect_bus(b, 1000) == 0) {
+        b->reconnects++;
+        rconn_log(&b->cmd, BROKER_LOG_WARNING, "pubsub: reconnected to %s", b->ep->display);
+        return;
+    }
+    b->backoff = b->backoff < BACKOFF_MIN ? BACKOFF_MIN : b->backoff * 2;
+    if (b->backoff > BACKOFF_MAX)
+        b->backoff = BACKOFF_MAX;
+    b->next_reconnect = now + b->backoff;
+}
+
+int bus_next_tick_ms(const struct bus *b, double now)
+{
+    if (bus_connected(b))
+        return 1000;
+    double ms = (b->next_reconnect - now) * 1000.0;
+    return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms + 1;
+}
+
+void bus_publish(struct bus *b, const char *channel, const char *data, size_t len)
+{
+    if (rconn_connected(&b->cmd))
+        rconn_command(&b->cmd, NULL, NULL, "PUBLISH %s %b", channel, data, len);
+}
+
+void bus_deliver_direct(struct bus *b, const char *binding_key, const char *routing_key, const char *data,
+                        size_t len)
+{
+    if (rconn_connected(&b->cmd))
+        rconn_command(&b->cmd, NULL, NULL, "EVAL %s 1 %s %s %b", deliver_script, binding_key, routing_key, data,
+                      len);
+}
+
+void bus_revoked_add(struct bus *b, const char *key, const char *id, double now, double ttl, long max)
+{
+    if (!rconn_connected(&b->cmd))
+        return;
+    rconn_command(&b->cmd, NULL, NULL, "ZADD %s NX %.6f %s", key, now, id);
+    rconn_command(&b->cmd, NULL, NULL, "ZREMRANGEBYSCORE %s -inf (%.6f", key, now - ttl);
+    rconn_command(&b->cmd, NULL, NULL, "ZREMRANGEBYRANK %s 0 %ld", key, -max - 1);
+    rconn_command(&b->cmd, NULL, NULL, "EXPIRE %s %ld", key, (long)ttl);
+}
+
+long bus_revoked_load(struct bus *b, const char *key, double now, double ttl, bus_revoked_fn fn, void *arg)
+{
+    redisReply *r = rconn_call(&b->cmd, "ZRANGEBYSCORE %s %.6f +inf WITHSCORES", key, now - ttl);
+    long n = -1;
+    if (r && r->type == REDIS_REPLY_ARRAY) {
+        n = 0;
+        for (size_t i = 0; i + 1 < r->elements; i += 2) {
+            if (r->element[i]->type != REDIS_REPLY_STRING || r->element[i + 1]->type != REDIS_REPLY_STRING)
+                continue;
+            fn(arg, r->element[i]->str, strtod(r->element[i + 1]->str, NULL));
+            n++;
+        }
+    }
+    if (r)
+        freeReplyObject(r);
+    return n;
+}
