@@ -781,7 +781,12 @@ static void on_result(void *arg, int child, const struct pool_result *r)
         if (r->failed || r->retried) {
             /* The traceback is in the result document (none when the task ignores results). */
             json_t *doc = r->doc_len ? json_loadb(r->doc, r->doc_len, 0, NULL) : NULL;
-            event_failed(c, j, r->retried ? "task-retried" : "task-failed", r->summary,
+            /* A retry's summary is "Retry in 0.1s[: KeyError('x')]"; its event carries, as stock Celery's does,
+             * the repr of the exception that caused it: None for a plain retry. */
+            const char *exc = r->summary;
+            if (r->retried)
+                exc = strstr(r->summary, ": ") ? strstr(r->summary, ": ") + 2 : "None";
+            event_failed(c, j, r->retried ? "task-retried" : "task-failed", exc,
                          json_string_value(json_object_get(doc, "traceback")));
             json_decref(doc);
         } else {
