@@ -319,8 +319,7 @@ static int send_signature(const struct canvas_env *env, struct outbox *ob, const
     return -1;
 }
 
-/* SETEX (or SET) key + PUBLISH on the result backend, as a result is stored. */
-static int store(const struct canvas_env *env, const char *task_id, const struct buf *doc, char *err, size_t errlen)
+int canvas_store(const struct canvas_env *env, const char *task_id, const struct buf *doc, char *err, size_t errlen)
 {
     redisContext *c = env->backend(env->arg, err, errlen);
     if (!c)
@@ -402,7 +401,7 @@ int canvas_on_failure(const struct canvas_env *env, const struct msg_request *re
         struct buf doc = {0};
         struct result_meta meta = {.task_id = id, .group_id = option_str(elem, "group_id")};
         result_doc_exception(&doc, &meta, "FAILURE", exc_type, message, traceback, epoch_now());
-        if (store(env, id, &doc, err, errlen) < 0)
+        if (canvas_store(env, id, &doc, err, errlen) < 0)
             rc = -1;
         buf_free(&doc);
     }
@@ -492,7 +491,7 @@ static int fire_body(const struct canvas_env *env, redisContext *c, const struct
             result_traceback(&tb, name ? name : "?", "ChordError", failed.data);
             struct result_meta meta = {.task_id = body_id};
             result_doc_exception(&doc, &meta, "FAILURE", "ChordError", failed.data, tb.data, epoch_now());
-            rc = store(env, body_id, &doc, err, errlen);
+            rc = canvas_store(env, body_id, &doc, err, errlen);
             buf_free(&doc);
             buf_free(&tb);
             json_t *errbacks = as_list(option(body, "link_error"));

@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "buf.h"
 #include "message.h"
 
 struct redisContext;
@@ -33,6 +34,11 @@ struct canvas_env {
      * chord fired); the backend getter reads them before handing the connection out again. */
     int *backend_unread;
 };
+
+/* Stores doc as the task's result (SETEX or SET, then PUBLISH, as every state is stored), synchronously.
+ * Returns 0 or -1 with err filled. doc borrowed. */
+int canvas_store(const struct canvas_env *env, const char *task_id, const struct buf *doc, char *err,
+                 size_t errlen);
 
 /* On success: sends the callbacks (args [retval] + their args) and the next chain link. Appends the ids of
  * the tasks sent to children (a JSON array, borrowed). embed and retval borrowed. Returns 0, or -1 with err

@@ -145,30 +145,14 @@ static int task_update_state_impl(struct task_ctx *ctx, const char *state, json_
 {
     struct executor *ex = ctx->host;
     const struct msg_request *req = ex->current;
-    char err[256];
-    redisContext *c = canvas_backend(ex, err, sizeof err);
-    if (!c || !state || !req->id.s)
+    if (!state || !req->id.s)
         return -1;
     struct buf doc = {0};
     struct result_meta m = {.task_id = req->id.s, .group_id = req->group.s, .parent_id = req->parent_id.s};
     result_doc_state(&doc, &m, state, meta);
-    if (ex->opt.result_expires > 0)
-        redisAppendCommand(c, "SETEX celery-task-meta-%s %ld %b", m.task_id, ex->opt.result_expires, doc.data,
-                           doc.len);
-    else
-        redisAppendCommand(c, "SET celery-task-meta-%s %b", m.task_id, doc.data, doc.len);
-    redisAppendCommand(c, "PUBLISH celery-task-meta-%s %b", m.task_id, doc.data, doc.len);
+    char err[256];
+    int rc = canvas_store(&ex->canvas, req->id.s, &doc, err, sizeof err);
     buf_free(&doc);
-    int rc = 0;
-    for (int i = 0; i < 2; i++) {
-        redisReply *r = NULL;
-        if (redisGetReply(c, (void **)&r) != REDIS_OK || !r || r->type == REDIS_REPLY_ERROR)
-            rc = -1;
-        if (r)
-            freeReplyObject(r);
-        if (c->err)
-            return -1;
-    }
     return rc;
 }
 
