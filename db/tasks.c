@@ -311,101 +311,142 @@ static int create_temp(struct task_ctx *ctx, PGconn *c, const char *temp_name, c
 
 /* ---- the tasks ---- */
 
+/* What the three write tasks share: the table and the columns whose values travel, checked; a transaction in
+ * which those columns' types are read and the rows copied (into the table itself, or into a temporary table
+ * a statement then merges); and the end, commit or rollback. */
+struct bulk {
+    struct task_ctx *ctx;
+    const char *fn;      /* the task's short name, for messages */
+    struct db_table t;
+    struct db_buf table; /* the target, quoted */
+    const char **cols;   /* owned array; the strings are borrowed from the arguments */
+    size_t ncols;
+    enum db_kind *kinds; /* owned */
+    struct progress prog;
+    PGconn *c;           /* inside a transaction while not NULL */
+    struct db_buf sql;   /* the statement run after the copy, if any */
+    PGresult *res;       /* its result */
+    long long copied;
+};
+
+/* Checks args[0] (the table), args[1] (the columns, named cols_what) and args[2] (the rows, named rows_what).
+ * Returns 0, or -1 after task_fail. */
+static int bulk_args(struct bulk *b, struct task_ctx *ctx, const char *fn, json_t *args, const char *cols_what,
+                     const char *rows_what)
+{
+    *b = (struct bulk){.ctx = ctx, .fn = fn};
+    if (arg_table(ctx, fn, json_array_get(args, 0), &b->t) < 0 ||
+        arg_columns(ctx, fn, cols_what, json_array_get(args, 1), 1, &b->cols, &b->ncols) < 0 ||
+        arg_rows(ctx, fn, rows_what, json_array_get(args, 2)) < 0)
+        return -1;
+    db_quote_table(&b->table, &b->t);
+    return 0;
+}
+
+/* Opens the transaction and copies rows into the table, or into temporary table `temp` (NULL: the table).
+ * Returns 0, or -1 after task_fail. */
+static int bulk_copy(struct bulk *b, const char *temp, const json_t *rows, const char *rows_what,
+                     bool bare_scalars)
+{
+    b->kinds = calloc(b->ncols, sizeof *b->kinds);
+    if (!b->kinds)
+        abort();
+    if (!(b->c = db_begin(b->ctx, false)))
+        return -1;
+    progress_start(&b->prog, b->ctx, json_array_size(rows));
+    struct db_buf target = {0};
+    if (temp) {
+        db_buf_puts(&target, "pg_temp.");
+        db_buf_puts(&target, temp);
+    }
+    int rc = column_kinds(b->ctx, b->c, &b->t, b->cols, b->ncols, b->kinds) < 0 ||
+                     (temp && create_temp(b->ctx, b->c, temp, b->table.data, b->cols, b->ncols) < 0) ||
+                     copy_rows(b->ctx, b->c, temp ? target.data : b->table.data, b->cols, b->ncols, b->kinds, rows,
+                               rows_what, bare_scalars, &b->prog, &b->copied) < 0
+                 ? -1
+                 : 0;
+    db_buf_free(&target);
+    return rc;
+}
+
+/* Runs b->sql, which must end as `want`. Returns 0, or -1 after task_fail. */
+static int bulk_run(struct bulk *b, ExecStatusType want)
+{
+    return (b->res = run(b->ctx, b->c, b->sql.data, want)) ? 0 : -1;
+}
+
+/* Ends the task: with value (stolen) the transaction is committed and value becomes the result; with NULL
+ * (a step failed, after task_fail) it is rolled back. Frees what b holds. */
+static enum task_outcome bulk_finish(struct bulk *b, json_t *value, json_t **result)
+{
+    *result = NULL;
+    if (value && b->c) {
+        progress_end(&b->prog);
+        if (db_commit(b->ctx, b->c) == 0) {
+            b->c = NULL;
+            *result = value;
+            value = NULL;
+        }
+    }
+    json_decref(value);
+    if (b->c)
+        db_rollback(b->c);
+    PQclear(b->res);
+    free(b->cols);
+    free(b->kinds);
+    db_buf_free(&b->table);
+    db_buf_free(&b->sql);
+    return *result ? TASK_SUCCESS : TASK_FAILURE;
+}
+
 enum task_outcome db_task_bulk_insert(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
 {
-    static const char fn[] = "pg_bulk_insert";
-    json_t *rows = json_array_get(args, 2);
-    const char **cols = NULL;
-    size_t ncols = 0;
-    enum db_kind *kinds = NULL;
-    struct db_table t;
-    struct db_buf table = {0};
-    struct progress prog;
-    long long copied = 0;
-    PGconn *c = NULL;
+    struct bulk b;
     (void)kwargs;
-    *result = NULL;
-    if (arg_table(ctx, fn, json_array_get(args, 0), &t) < 0 ||
-        arg_columns(ctx, fn, "columns", json_array_get(args, 1), 1, &cols, &ncols) < 0 ||
-        arg_rows(ctx, fn, "rows", rows) < 0)
-        goto out;
-    db_quote_table(&table, &t);
-    kinds = calloc(ncols, sizeof *kinds);
-    if (!kinds)
-        abort();
-    if (!(c = db_begin(ctx, false)))
-        goto out;
-    progress_start(&prog, ctx, json_array_size(rows));
-    if (column_kinds(ctx, c, &t, cols, ncols, kinds) < 0 ||
-        copy_rows(ctx, c, table.data, cols, ncols, kinds, rows, "rows", false, &prog, &copied) < 0)
-        goto out;
-    progress_end(&prog);
-    if (db_commit(ctx, c) < 0)
-        goto out;
-    c = NULL;
-    *result = json_integer(copied);
-out:
-    if (c)
-        db_rollback(c);
-    free(cols);
-    free(kinds);
-    db_buf_free(&table);
-    return *result ? TASK_SUCCESS : TASK_FAILURE;
+    if (bulk_args(&b, ctx, "pg_bulk_insert", args, "columns", "rows") < 0 ||
+        bulk_copy(&b, NULL, json_array_get(args, 2), "rows", false) < 0)
+        return bulk_finish(&b, NULL, result);
+    return bulk_finish(&b, json_integer(b.copied), result);
 }
 
 enum task_outcome db_task_bulk_upsert(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
 {
-    static const char fn[] = "pg_bulk_upsert", temp[] = "celeriac_upsert";
-    json_t *rows = json_array_get(args, 2);
-    const char **cols = NULL, **keys = NULL;
-    size_t ncols = 0, nkeys = 0;
-    enum db_kind *kinds = NULL;
-    struct db_table t;
-    struct db_buf table = {0}, sql = {0};
-    struct progress prog;
-    long long copied = 0;
-    PGconn *c = NULL;
-    PGresult *res = NULL;
+    struct bulk b;
+    const char **keys = NULL;
+    size_t nkeys = 0;
+    json_t *value = NULL;
     (void)kwargs;
-    *result = NULL;
-    if (arg_table(ctx, fn, json_array_get(args, 0), &t) < 0 ||
-        arg_columns(ctx, fn, "columns", json_array_get(args, 1), 1, &cols, &ncols) < 0 ||
-        arg_rows(ctx, fn, "rows", rows) < 0 ||
-        arg_columns(ctx, fn, "key_columns", json_array_get(args, 3), 1, &keys, &nkeys) < 0)
+    if (bulk_args(&b, ctx, "pg_bulk_upsert", args, "columns", "rows") < 0 ||
+        arg_columns(ctx, b.fn, "key_columns", json_array_get(args, 3), 1, &keys, &nkeys) < 0)
         goto out;
+    const char **cols = b.cols;
+    size_t ncols = b.ncols;
     for (size_t i = 0; i < nkeys; i++) {
         size_t j = 0;
         while (j < ncols && strcmp(cols[j], keys[i]) != 0)
             j++;
         if (j == ncols) {
-            task_fail(ctx, "ValueError", "%s() key_columns: '%s' is not one of columns", fn, keys[i]);
+            task_fail(ctx, "ValueError", "%s() key_columns: '%s' is not one of columns", b.fn, keys[i]);
             goto out;
         }
     }
-    db_quote_table(&table, &t);
-    kinds = calloc(ncols, sizeof *kinds);
-    if (!kinds)
-        abort();
-    if (!(c = db_begin(ctx, false)))
-        goto out;
-    progress_start(&prog, ctx, json_array_size(rows));
-    if (column_kinds(ctx, c, &t, cols, ncols, kinds) < 0 || create_temp(ctx, c, temp, table.data, cols, ncols) < 0 ||
-        copy_rows(ctx, c, "pg_temp.celeriac_upsert", cols, ncols, kinds, rows, "rows", false, &prog, &copied) < 0)
+    if (bulk_copy(&b, "celeriac_upsert", json_array_get(args, 2), "rows", false) < 0)
         goto out;
 
     /* One statement merges the lot. xmax = 0 tells a freshly inserted row from an updated one (an updated
      * row version carries the updating transaction's id in xmax while it is locked). When every column is a
      * key there is nothing to update: the key is set to itself, so that existing rows still count as
      * updated rather than vanishing from both counts. */
-    db_buf_puts(&sql, "WITH r AS (INSERT INTO ");
-    db_buf_puts(&sql, table.data);
-    db_buf_puts(&sql, " AS t (");
-    append_column_list(&sql, "", cols, ncols);
-    db_buf_puts(&sql, ") SELECT ");
-    append_column_list(&sql, "", cols, ncols);
-    db_buf_puts(&sql, " FROM pg_temp.celeriac_upsert ON CONFLICT (");
-    append_column_list(&sql, "", keys, nkeys);
-    db_buf_puts(&sql, ") DO UPDATE SET ");
+    struct db_buf *sql = &b.sql;
+    db_buf_puts(sql, "WITH r AS (INSERT INTO ");
+    db_buf_puts(sql, b.table.data);
+    db_buf_puts(sql, " AS t (");
+    append_column_list(sql, "", cols, ncols);
+    db_buf_puts(sql, ") SELECT ");
+    append_column_list(sql, "", cols, ncols);
+    db_buf_puts(sql, " FROM pg_temp.celeriac_upsert ON CONFLICT (");
+    append_column_list(sql, "", keys, nkeys);
+    db_buf_puts(sql, ") DO UPDATE SET ");
     bool any = false;
     for (size_t i = 0; i < ncols; i++) {
         bool key = false;
@@ -414,91 +455,43 @@ enum task_outcome db_task_bulk_upsert(struct task_ctx *ctx, json_t *args, json_t
         if (key && !(i == ncols - 1 && !any))
             continue;
         if (any)
-            db_buf_puts(&sql, ", ");
+            db_buf_puts(sql, ", ");
         any = true;
-        db_quote_ident(&sql, cols[i]);
-        db_buf_puts(&sql, " = EXCLUDED.");
-        db_quote_ident(&sql, cols[i]);
+        db_quote_ident(sql, cols[i]);
+        db_buf_puts(sql, " = EXCLUDED.");
+        db_quote_ident(sql, cols[i]);
     }
-    db_buf_puts(&sql, " RETURNING (t.xmax = 0) AS inserted) "
-                      "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM r");
-    if (!(res = run(ctx, c, sql.data, PGRES_TUPLES_OK)))
+    db_buf_puts(sql, " RETURNING (t.xmax = 0) AS inserted) "
+                     "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM r");
+    if (bulk_run(&b, PGRES_TUPLES_OK) < 0)
         goto out;
-    progress_end(&prog);
-    long long inserted = strtoll(PQgetvalue(res, 0, 0), NULL, 10), updated = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
-    if (db_commit(ctx, c) < 0)
-        goto out;
-    c = NULL;
-    *result = json_pack("{s:I,s:I}", "inserted", (json_int_t)inserted, "updated", (json_int_t)updated);
+    value = json_pack("{s:I,s:I}", "inserted", (json_int_t)strtoll(PQgetvalue(b.res, 0, 0), NULL, 10), "updated",
+                      (json_int_t)strtoll(PQgetvalue(b.res, 0, 1), NULL, 10));
 out:
-    if (c)
-        db_rollback(c);
-    PQclear(res);
-    free(cols);
     free(keys);
-    free(kinds);
-    db_buf_free(&table);
-    db_buf_free(&sql);
-    return *result ? TASK_SUCCESS : TASK_FAILURE;
+    return bulk_finish(&b, value, result);
 }
 
 enum task_outcome db_task_bulk_delete(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
 {
-    static const char fn[] = "pg_bulk_delete";
-    json_t *keyrows = json_array_get(args, 2);
-    const char **keys = NULL;
-    size_t nkeys = 0;
-    enum db_kind *kinds = NULL;
-    struct db_table t;
-    struct db_buf table = {0}, sql = {0};
-    struct progress prog;
-    long long copied = 0;
-    PGconn *c = NULL;
-    PGresult *res = NULL;
+    struct bulk b;
     (void)kwargs;
-    *result = NULL;
-    if (arg_table(ctx, fn, json_array_get(args, 0), &t) < 0 ||
-        arg_columns(ctx, fn, "key_columns", json_array_get(args, 1), 1, &keys, &nkeys) < 0 ||
-        arg_rows(ctx, fn, "keys", keyrows) < 0)
-        goto out;
-    db_quote_table(&table, &t);
-    kinds = calloc(nkeys, sizeof *kinds);
-    if (!kinds)
-        abort();
-    if (!(c = db_begin(ctx, false)))
-        goto out;
-    progress_start(&prog, ctx, json_array_size(keyrows));
-    if (column_kinds(ctx, c, &t, keys, nkeys, kinds) < 0 ||
-        create_temp(ctx, c, "celeriac_keys", table.data, keys, nkeys) < 0 ||
-        copy_rows(ctx, c, "pg_temp.celeriac_keys", keys, nkeys, kinds, keyrows, "keys", true, &prog, &copied) < 0)
-        goto out;
+    if (bulk_args(&b, ctx, "pg_bulk_delete", args, "key_columns", "keys") < 0 ||
+        bulk_copy(&b, "celeriac_keys", json_array_get(args, 2), "keys", true) < 0)
+        return bulk_finish(&b, NULL, result);
     /* A key holding a NULL matches nothing, as in SQL; a key given twice deletes its rows once. */
-    db_buf_puts(&sql, "DELETE FROM ");
-    db_buf_puts(&sql, table.data);
-    db_buf_puts(&sql, " AS t USING pg_temp.celeriac_keys AS k WHERE ");
-    for (size_t i = 0; i < nkeys; i++) {
-        db_buf_puts(&sql, i ? " AND t." : "t.");
-        db_quote_ident(&sql, keys[i]);
-        db_buf_puts(&sql, " = k.");
-        db_quote_ident(&sql, keys[i]);
+    db_buf_puts(&b.sql, "DELETE FROM ");
+    db_buf_puts(&b.sql, b.table.data);
+    db_buf_puts(&b.sql, " AS t USING pg_temp.celeriac_keys AS k WHERE ");
+    for (size_t i = 0; i < b.ncols; i++) {
+        db_buf_puts(&b.sql, i ? " AND t." : "t.");
+        db_quote_ident(&b.sql, b.cols[i]);
+        db_buf_puts(&b.sql, " = k.");
+        db_quote_ident(&b.sql, b.cols[i]);
     }
-    if (!(res = run(ctx, c, sql.data, PGRES_COMMAND_OK)))
-        goto out;
-    progress_end(&prog);
-    long long deleted = strtoll(PQcmdTuples(res), NULL, 10);
-    if (db_commit(ctx, c) < 0)
-        goto out;
-    c = NULL;
-    *result = json_integer(deleted);
-out:
-    if (c)
-        db_rollback(c);
-    PQclear(res);
-    free(keys);
-    free(kinds);
-    db_buf_free(&table);
-    db_buf_free(&sql);
-    return *result ? TASK_SUCCESS : TASK_FAILURE;
+    if (bulk_run(&b, PGRES_COMMAND_OK) < 0)
+        return bulk_finish(&b, NULL, result);
+    return bulk_finish(&b, json_integer(strtoll(PQcmdTuples(b.res), NULL, 10)), result);
 }
 
 enum task_outcome db_task_aggregate(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
