@@ -68,6 +68,7 @@ struct child_state {
 /* Expected runtime per task name (an moving average), so that short tasks are queued to children ahead of
  * time (keeping the pool busy while the main loop talks to Redis) while long ones are handed out one at a
  * time to whichever child is free, as Celery's fair scheduling does. */
+#define POOL_GROW_MAX 256 /* per pool_grow command: a typo of 10000 must not fork-bomb the host */
 #define COST_SLOTS 256
 #define COST_UNKNOWN 0.002 /* a task never seen is assumed long: handed only to an idle child */
 #define DISPATCH_HORIZON 0.002 /* queue to a busy child only while its backlog is shorter than this */
@@ -83,6 +84,7 @@ struct task_limits {
     double tokens;     /* 0..1 */
     double last;       /* epoch seconds of the last refill */
     double hard_limit; /* seconds; 0: none set here */
+    double soft_limit; /* seconds; 0: none set here (travels with each task to the pool process) */
 };
 
 struct cost_slot {
@@ -110,7 +112,8 @@ struct consumer {
     struct broker *broker;
     struct backend *backend; /* NULL: results are not stored (no result backend configured) */
     struct pool *pool;
-    struct child_state *children;
+    struct child_state *children; /* one per pool index (pool_capacity) */
+    int nchildren;
 
     struct job_list ready; /* decoded, waiting for a child */
     struct job_list throttled; /* waiting for a rate-limit token, in arrival order (counted in held) */
@@ -389,7 +392,7 @@ static int active_count(const struct consumer *c)
     int n = 0;
     uint64_t seq;
     double started;
-    for (int i = 0; i < pool_size(c->pool); i++)
+    for (int i = 0; i < pool_capacity(c->pool); i++)
         n += pool_running(c->pool, i, &seq, &started);
     return n;
 }
@@ -876,7 +879,10 @@ static void on_child_exit(void *arg, int child, int status)
         list_push(&back, j);
     c->ready = back;
     if (!c->stopping || c->ready.len) {
-        if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        bool planned = pool_child_leaving(c->pool, child);
+        if (planned && WIFEXITED(status) && WEXITSTATUS(status) == 0)
+            log_debug("Pool process %d left (pool shrink or restart)", (int)pool_child_pid(c->pool, child));
+        else if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
             log_info("Pool process %d retired (task or memory limit); starting a new one",
                      (int)pool_child_pid(c->pool, child));
         else if (!killed_seq && !revoked_seq)
@@ -893,7 +899,7 @@ static void on_child_exit(void *arg, int child, int status)
 static int enforce_time_limits(struct consumer *c)
 {
     double now = pool_clock(), next = -1;
-    for (int i = 0; i < pool_size(c->pool); i++) {
+    for (int i = 0; i < pool_capacity(c->pool); i++) {
         struct child_state *cs = &c->children[i];
         struct job *j = cs->jobs.head;
         uint64_t seq;
@@ -910,7 +916,7 @@ static int enforce_time_limits(struct consumer *c)
         }
     }
     /* A task queued behind a running one starts later; look again soon rather than compute when. */
-    for (int i = 0; i < pool_size(c->pool); i++)
+    for (int i = 0; i < pool_capacity(c->pool); i++)
         if (c->children[i].jobs.head && c->children[i].jobs.head->hard_limit > 0 && (next < 0 || next > 0.05))
             next = 0.05;
     return next < 0 ? -1 : (int)(next * 1000) + 1;
@@ -1009,7 +1015,7 @@ static double parse_rate(const char *text)
 
 static void dispatch(struct consumer *c)
 {
-    int n = pool_size(c->pool);
+    int n = pool_capacity(c->pool);
     double now = epoch_now();
     if (c->throttled.len)
         rate_release(c, now);
@@ -1031,10 +1037,14 @@ static void dispatch(struct consumer *c)
         int best = -1;
         for (int i = 0; i < n; i++) {
             struct child_state *cs = &c->children[i];
+            if (!pool_accepts(c->pool, i))
+                continue; /* empty, or leaving (shrink, restart) */
             if (best < 0 || cs->backlog < c->children[best].backlog ||
                 (cs->backlog == c->children[best].backlog && cs->jobs.len < c->children[best].jobs.len))
                 best = i;
         }
+        if (best < 0)
+            break; /* every process is being replaced: the jobs wait here for the new ones */
         struct child_state *cs = &c->children[best];
         if (cs->jobs.len && (cs->backlog + cost > DISPATCH_HORIZON || cs->jobs.len >= CHILD_QUEUE_MAX))
             break; /* every child has enough to do; the rest waits here, where it can still be requeued */
@@ -1047,7 +1057,7 @@ static void dispatch(struct consumer *c)
         j->hard_limit = j->req.has_time_limit ? j->req.time_limit
                         : tl && tl->hard_limit > 0 ? tl->hard_limit : c->cfg->time_limit;
         cs->backlog += cost;
-        pool_submit(c->pool, best, j->seq, j->delivery->raw, j->delivery->len);
+        pool_submit(c->pool, best, j->seq, tl ? tl->soft_limit : 0, j->delivery->raw, j->delivery->len);
         list_push(&cs->jobs, j);
         if (!c->cfg->acks_late)
             job_ack(c, j); /* early ack: the pool has accepted it */
@@ -1088,7 +1098,7 @@ static json_t *cmd_active(struct consumer *c, const json_t *args)
 {
     (void)args;
     json_t *out = json_array();
-    for (int i = 0; i < pool_size(c->pool); i++) {
+    for (int i = 0; i < pool_capacity(c->pool); i++) {
         double started;
         struct job *j = running_job(c, i, &started);
         if (j)
@@ -1102,7 +1112,7 @@ static json_t *cmd_reserved(struct consumer *c, const json_t *args)
 {
     (void)args;
     json_t *out = json_array();
-    for (int i = 0; i < pool_size(c->pool); i++) {
+    for (int i = 0; i < pool_capacity(c->pool); i++) {
         double started;
         struct job *run = running_job(c, i, &started);
         for (struct job *j = c->children[i].jobs.head; j; j = j->next)
@@ -1180,8 +1190,9 @@ static json_t *cmd_stats(struct consumer *c, const json_t *args)
     snprintf(clock, sizeof clock, "%lld", c->clock); /* a string in stats, an int in clock (doc 11.12) */
     snprintf(vhost, sizeof vhost, "%d", c->broker_url.db);
     json_t *pids = json_array();
-    for (int i = 0; i < pool_size(c->pool); i++)
-        json_array_append_new(pids, json_integer(pool_child_pid(c->pool, i)));
+    for (int i = 0; i < pool_capacity(c->pool); i++)
+        if (pool_child_alive(c->pool, i))
+            json_array_append_new(pids, json_integer(pool_child_pid(c->pool, i)));
     json_t *mtpc = c->cfg->max_tasks_per_child ? json_integer(c->cfg->max_tasks_per_child) : json_string("N/A");
     json_t *out = json_pack(
         "{s:O, s:i, s:s, s:I, s:{s:i, s:o, s:o, s:b, s:[f, f], s:{}}, "
@@ -1353,7 +1364,7 @@ static json_t *cmd_revoke(struct consumer *c, const json_t *args)
         revoked_add(c->revoked, id, now);
         bus_revoked_add(c->bus, REVOKED_KEY, id, now, REVOKED_TTL, REVOKED_MAX);
         revoke_waiting(c, id);
-        for (int k = 0; terminate && k < pool_size(c->pool); k++) {
+        for (int k = 0; terminate && k < pool_capacity(c->pool); k++) {
             double started;
             struct job *j = running_job(c, k, &started);
             if (!j || !j->req.id.s || strcmp(j->req.id.s, id) != 0 || c->children[k].revoked_seq)
@@ -1392,7 +1403,7 @@ static json_t *cmd_query_task(struct consumer *c, const json_t *args)
     const json_t *v;
     json_array_foreach(ids, k, v) {
         const char *id = json_string_value(v);
-        for (int i = 0; id && i < pool_size(c->pool); i++) {
+        for (int i = 0; id && i < pool_capacity(c->pool); i++) {
             double started;
             struct job *run = running_job(c, i, &started);
             for (struct job *j = c->children[i].jobs.head; j; j = j->next)
@@ -1460,20 +1471,75 @@ static json_t *cmd_time_limit(struct consumer *c, const json_t *args)
     if (!l)
         return error_reply("too many task limits");
     l->hard_limit = json_is_number(hard) ? json_number_value(hard) : 0;
-    log_info("New time limits for tasks of type %s: soft=%s hard=%g", name, json_is_number(soft) ? "ignored" : "none",
-             l->hard_limit);
-    /* Soft limits are armed inside the pool processes from the message or --soft-time-limit; a per-name
-     * override would have to travel with each task. Said in the reply rather than silently dropped. */
-    if (json_is_number(soft) && json_number_value(soft) > 0)
-        return ok_reply("time limits set successfully (hard only: celeriac has no per-task soft limit override)");
+    l->soft_limit = json_is_number(soft) ? json_number_value(soft) : 0;
+    log_info("New time limits for tasks of type %s: soft=%g hard=%g", name, l->soft_limit, l->hard_limit);
     return ok_reply("time limits set successfully");
 }
 
-static json_t *cmd_not_implemented(struct consumer *c, const json_t *args)
+static json_t *cmd_autoscale(struct consumer *c, const json_t *args)
 {
     (void)c, (void)args;
-    /* What a stock worker answers when its pool cannot do it (doc 9.3 autoscale). */
-    return error_reply("NotImplementedError('not supported by celeriac: the pool size is fixed at start')");
+    /* What a stock worker started without --autoscale answers. */
+    return error_reply("ValueError('Autoscale not enabled')");
+}
+
+/* Per-child state follows the pool's capacity, which a grow may raise. */
+static void children_fit(struct consumer *c)
+{
+    int cap = pool_capacity(c->pool);
+    if (cap <= c->nchildren)
+        return;
+    struct child_state *grown = realloc(c->children, (size_t)cap * sizeof *grown);
+    if (!grown)
+        abort();
+    memset(grown + c->nchildren, 0, (size_t)(cap - c->nchildren) * sizeof *grown);
+    c->children = grown;
+    c->nchildren = cap;
+}
+
+/* Celery's _update_prefetch_count: the prefetch follows the number of processes. */
+static void prefetch_follow_pool(struct consumer *c)
+{
+    if (c->cfg->prefetch_multiplier > 0)
+        c->prefetch = pool_size(c->pool) * c->cfg->prefetch_multiplier;
+}
+
+static int control_count(const json_t *args)
+{
+    const json_t *n = json_object_get(args, "n");
+    return json_is_integer(n) ? (int)json_integer_value(n) : 1;
+}
+
+static json_t *cmd_pool_grow(struct consumer *c, const json_t *args)
+{
+    int n = control_count(args);
+    if (n < 0 || n > POOL_GROW_MAX)
+        return error_reply("ValueError('pool_grow: n must be between 0 and 256')");
+    if (pool_grow(c->pool, n) < 0)
+        log_error("pool_grow: cannot start a pool process: %s", strerror(errno));
+    children_fit(c);
+    prefetch_follow_pool(c);
+    log_info("Pool grown by %d: %d processes, prefetch %d", n, pool_size(c->pool), c->prefetch);
+    return ok_reply("pool will grow");
+}
+
+static json_t *cmd_pool_shrink(struct consumer *c, const json_t *args)
+{
+    int n = control_count(args);
+    if (n < 0 || n >= pool_size(c->pool))
+        return error_reply("ValueError(\"Can't shrink pool below one process\")");
+    pool_shrink(c->pool, n);
+    prefetch_follow_pool(c);
+    log_info("Pool shrunk by %d: %d processes, prefetch %d", n, pool_size(c->pool), c->prefetch);
+    return ok_reply("pool will shrink");
+}
+
+static json_t *cmd_pool_restart(struct consumer *c, const json_t *args)
+{
+    (void)args;
+    pool_restart(c->pool);
+    log_info("Pool restart: each process is replaced once its current tasks are done");
+    return ok_reply("reload started");
 }
 
 /* add_consumer / cancel_consumer: the queue is consumed the default way (exchange and routing key named as
@@ -1518,7 +1584,7 @@ static const struct control_command control_commands[] = {
     {"active", cmd_active},
     {"active_queues", cmd_active_queues},
     {"add_consumer", cmd_add_consumer},
-    {"autoscale", cmd_not_implemented},
+    {"autoscale", cmd_autoscale},
     {"cancel_consumer", cmd_cancel_consumer},
     {"clock", cmd_clock},
     {"conf", cmd_conf},
@@ -1527,9 +1593,9 @@ static const struct control_command control_commands[] = {
     {"heartbeat", cmd_heartbeat},
     {"hello", cmd_hello},
     {"ping", cmd_ping},
-    {"pool_grow", cmd_not_implemented},
-    {"pool_restart", cmd_not_implemented},
-    {"pool_shrink", cmd_not_implemented},
+    {"pool_grow", cmd_pool_grow},
+    {"pool_restart", cmd_pool_restart},
+    {"pool_shrink", cmd_pool_shrink},
     {"query_task", cmd_query_task},
     {"rate_limit", cmd_rate_limit},
     {"registered", cmd_registered},
@@ -1589,7 +1655,7 @@ static void notice_started(struct consumer *c)
 {
     if (!c->task_events)
         return;
-    for (int i = 0; i < pool_size(c->pool); i++) {
+    for (int i = 0; i < pool_capacity(c->pool); i++) {
         double started;
         struct job *j = running_job(c, i, &started);
         if (j)
@@ -1713,7 +1779,7 @@ static void begin_warm_shutdown(struct consumer *c)
 
 static bool busy(const struct consumer *c)
 {
-    for (int i = 0; i < pool_size(c->pool); i++)
+    for (int i = 0; i < pool_capacity(c->pool); i++)
         if (c->children[i].jobs.len)
             return true;
     /* broker_pending: requeues of a warm shutdown (up to --max-eta-reserved held ETA messages) may be more than
@@ -1744,6 +1810,7 @@ int consumer_run(const struct config *cfg)
     task_registry_enable_test_tasks(cfg->enable_test_tasks);
     /* Fork the pool first: no connection may cross a fork. */
     c->children = calloc((size_t)cfg->concurrency, sizeof *c->children);
+    c->nchildren = cfg->concurrency;
     /* Children store results themselves, except with --track-started: the main process writes STARTED, and
      * a child's SUCCESS on another connection could then land before it and be overwritten. */
     struct pool_options popt = {cfg->concurrency,
@@ -1963,7 +2030,7 @@ out:
     if (c->pool && exit_code != 0 && !c->cold)
         pool_kill(c->pool);
     pool_free(c->pool);
-    for (int i = 0; c->children && i < cfg->concurrency; i++) {
+    for (int i = 0; c->children && i < c->nchildren; i++) {
         struct job *j;
         while ((j = list_pop(&c->children[i].jobs)))
             job_free(j);

@@ -304,8 +304,8 @@ const char *executor_last_task_id(const struct executor *ex)
     return ex->last_id;
 }
 
-enum executor_status executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc,
-                                  struct buf *summary, double *runtime)
+enum executor_status executor_run(struct executor *ex, const char *raw, size_t len, double soft_time_limit,
+                                  struct buf *doc, struct buf *summary, double *runtime)
 {
     struct msg_request req = {0};
     char err[256] = "";
@@ -360,7 +360,11 @@ enum executor_status executor_run(struct executor *ex, const char *raw, size_t l
         .update_state = ex->opt.backend ? task_update_state_impl : NULL,
     };
     ex->current = &req;
-    double soft = req.has_soft_time_limit ? req.soft_time_limit : ex->opt.soft_time_limit;
+    /* Celery's precedence: the message's own limit, then the task type's (time_limit control), then the
+     * worker's default. */
+    double soft = req.has_soft_time_limit ? req.soft_time_limit
+                  : soft_time_limit > 0   ? soft_time_limit
+                                          : ex->opt.soft_time_limit;
     if (soft > 0) {
         soft_limit_passed = 0;
         ctx.soft_limit_flag = &soft_limit_passed;

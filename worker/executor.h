@@ -30,14 +30,15 @@ void executor_free(struct executor *ex);
  * the result document to store (nothing when the request has ignore_result, or when the task handed its
  * result over to a continuation) and to summary a repr for the log line; sets *runtime (seconds). Returns
  * what became of the task. Never fails itself: a bad message becomes a FAILURE document when its id is
- * known. */
+ * known. soft_time_limit: the task type's limit (time_limit control), used when the message sets none; 0: the
+ * default from executor_options. */
 enum executor_status {
     EXECUTOR_SUCCEEDED = 0, /* also a task that handed its result over to a continuation */
     EXECUTOR_FAILED = 1,
     EXECUTOR_RETRIED = 2,   /* sent again with an eta; state RETRY stored */
 };
-enum executor_status executor_run(struct executor *ex, const char *raw, size_t len, struct buf *doc,
-                                  struct buf *summary, double *runtime);
+enum executor_status executor_run(struct executor *ex, const char *raw, size_t len, double soft_time_limit,
+                                  struct buf *doc, struct buf *summary, double *runtime);
 
 /* The task id of the message executor_run last ran ("" if it had none). Borrowed until the next run. */
 const char *executor_last_task_id(const struct executor *ex);

@@ -3,6 +3,7 @@
 #include "pool.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +23,7 @@
 
 enum { FRAME_TASK = 1, FRAME_RESULT = 2 };
 /* Frame: u32 length of what follows | u8 type | payload.
- * TASK payload:   u64 seq | raw message
+ * TASK payload:   u64 seq | f64 soft time limit (0: the message's or the default) | raw message
  * RESULT payload: u64 seq | u8 flags (1 failed, 2 stored, 4 retried) | f64 runtime | u32 doc length | doc | summary (rest) */
 #define FRAME_HEADER 5
 #define LONG_TASK_S 0.0005 /* a child sends results at once after a task this long */
@@ -33,6 +34,12 @@ struct child {
     struct buf out;   /* frames waiting to be written */
     struct buf in;    /* bytes read, not yet parsed */
     char name[32];    /* "ForkPoolWorker-N", N counting every child ever started, as Celery does */
+    struct pool_slot *slot; /* its own shared page, mapped once per index and kept for the index's next child */
+    unsigned generation;    /* pool generation it was forked in: older ones run the code loaded before */
+    long outstanding;       /* tasks submitted whose result frame has not come back */
+    bool wanted;            /* the index should hold a process (false once shrunk away, or never used) */
+    bool leaving;           /* takes no new work; its input is closed once it has nothing outstanding */
+    bool input_closed;
 };
 
 /* One per child, in memory shared with it: the child stamps the task it starts, so the main process can
@@ -44,11 +51,12 @@ struct pool_slot {
 
 struct pool {
     struct pool_options opt;
-    struct pool_slot *slots; /* shared mapping, one per child */
     struct pool_handlers h;
     void *arg;
-    struct child *children;
-    int started; /* children ever started, for names */
+    struct child *children; /* cap entries; indexes are stable for the life of the pool */
+    int cap;
+    int started;             /* children ever started, for names */
+    unsigned generation;     /* bumped by pool_restart */
 };
 
 static void put_u32(struct buf *b, uint32_t v)
@@ -214,16 +222,19 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
                 break;
             const char *frame = in.data + off + 4;
             off += 4 + flen;
-            if (frame[0] != FRAME_TASK || flen < 9)
+            if (frame[0] != FRAME_TASK || flen < 17)
                 continue;
             uint64_t seq = get_u64(frame + 1);
+            double soft_time_limit;
+            memcpy(&soft_time_limit, frame + 9, sizeof soft_time_limit);
             buf_reset(&doc);
             buf_reset(&summary);
             double runtime = 0;
             double now = pool_clock();
             __atomic_store(&slot->started, &now, __ATOMIC_RELAXED);
             __atomic_store_n(&slot->seq, seq, __ATOMIC_RELEASE);
-            enum executor_status status = executor_run(ex, frame + 9, flen - 9, &doc, &summary, &runtime);
+            enum executor_status status = executor_run(ex, frame + 17, flen - 17, soft_time_limit, &doc, &summary,
+                                                        &runtime);
             __atomic_store_n(&slot->seq, 0, __ATOMIC_RELEASE);
             retire = should_retire(opt, ++done);
             put_u32(&out, (uint32_t)(1 + 8 + 1 + 8 + 4 + doc.len + summary.len));
@@ -271,6 +282,13 @@ done:
 static int spawn(struct pool *p, int i)
 {
     struct child *c = &p->children[i];
+    if (!c->slot) {
+        c->slot = mmap(NULL, sizeof *c->slot, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (c->slot == MAP_FAILED) {
+            c->slot = NULL;
+            return -1;
+        }
+    }
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
         return -1;
@@ -293,20 +311,24 @@ static int spawn(struct pool *p, int i)
         signal(SIGQUIT, SIG_DFL);
         signal(SIGCHLD, SIG_DFL);
         signal(SIGPIPE, SIG_IGN);
-        for (int j = 0; j < p->opt.concurrency; j++)
+        for (int j = 0; j < p->cap; j++)
             if (p->children[j].fd >= 0)
                 close(p->children[j].fd);
         close(sv[0]);
         static char name[32]; /* the log module keeps a pointer to it for the life of the process */
         snprintf(name, sizeof name, "ForkPoolWorker-%d", index);
         log_set_process(name);
-        child_loop(sv[1], &p->opt, &p->slots[i]);
+        child_loop(sv[1], &p->opt, c->slot);
         _exit(0);
     }
     close(sv[1]);
     c->pid = pid;
     c->fd = sv[0];
-    p->slots[i].seq = 0;
+    c->slot->seq = 0;
+    c->generation = p->generation;
+    c->outstanding = 0;
+    c->wanted = true;
+    c->leaving = c->input_closed = false;
     snprintf(c->name, sizeof c->name, "ForkPoolWorker-%d", index);
     buf_reset(&c->out);
     buf_reset(&c->in);
@@ -322,29 +344,92 @@ struct pool *pool_start(const struct pool_options *opt, const struct pool_handle
     p->opt = *opt;
     p->h = *h;
     p->arg = arg;
-    p->children = calloc((size_t)opt->concurrency, sizeof *p->children);
-    if (!p->children)
-        abort();
-    p->slots = mmap(NULL, (size_t)opt->concurrency * sizeof *p->slots, PROT_READ | PROT_WRITE,
-                    MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p->slots == MAP_FAILED)
-        abort();
-    for (int i = 0; i < opt->concurrency; i++)
-        p->children[i].fd = -1;
-    for (int i = 0; i < opt->concurrency; i++) {
-        if (spawn(p, i) < 0) {
-            snprintf(err, errlen, "cannot start pool process: %s", strerror(errno));
-            pool_kill(p);
-            pool_free(p);
-            return NULL;
-        }
+    if (pool_grow(p, opt->concurrency) < 0) {
+        snprintf(err, errlen, "cannot start pool process: %s", strerror(errno));
+        pool_kill(p);
+        pool_free(p);
+        return NULL;
     }
     return p;
 }
 
+int pool_grow(struct pool *p, int n)
+{
+    for (; n > 0; n--) {
+        int i = 0;
+        while (i < p->cap && (p->children[i].wanted || p->children[i].fd >= 0))
+            i++;
+        if (i == p->cap) {
+            struct child *grown = realloc(p->children, (size_t)(p->cap + 1) * sizeof *grown);
+            if (!grown)
+                abort();
+            p->children = grown;
+            p->children[p->cap++] = (struct child){.fd = -1};
+        }
+        if (spawn(p, i) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Closes a leaving child's input once everything it was given has come back: it reads EOF and exits 0. */
+static void release_if_drained(struct child *c)
+{
+    if (c->leaving && !c->input_closed && c->fd >= 0 && c->outstanding == 0 && c->out.len == 0) {
+        shutdown(c->fd, SHUT_WR);
+        c->input_closed = true;
+    }
+}
+
+int pool_shrink(struct pool *p, int n)
+{
+    int done = 0;
+    /* Idle ones first, as billiard does, then the ones with the least queued. */
+    for (long most = 0; done < n && most <= LONG_MAX / 2; most = most ? most * 2 : 1) {
+        for (int i = p->cap - 1; i >= 0 && done < n; i--) {
+            struct child *c = &p->children[i];
+            if (!c->wanted || c->leaving || c->fd < 0 || c->outstanding > most)
+                continue;
+            c->wanted = false;
+            c->leaving = true;
+            release_if_drained(c);
+            done++;
+        }
+        if (pool_size(p) == 0)
+            break;
+    }
+    return done;
+}
+
+void pool_restart(struct pool *p)
+{
+    p->generation++;
+    for (int i = 0; i < p->cap; i++) {
+        struct child *c = &p->children[i];
+        if (c->fd >= 0 && c->wanted) {
+            c->leaving = true;
+            release_if_drained(c);
+        }
+    }
+}
+
 int pool_size(const struct pool *p)
 {
-    return p->opt.concurrency;
+    int n = 0;
+    for (int i = 0; i < p->cap; i++)
+        n += p->children[i].wanted;
+    return n;
+}
+
+int pool_capacity(const struct pool *p)
+{
+    return p->cap;
+}
+
+bool pool_accepts(const struct pool *p, int child)
+{
+    const struct child *c = &p->children[child];
+    return c->fd >= 0 && !c->leaving;
 }
 
 pid_t pool_child_pid(const struct pool *p, int child)
@@ -352,19 +437,31 @@ pid_t pool_child_pid(const struct pool *p, int child)
     return p->children[child].pid;
 }
 
-void pool_submit(struct pool *p, int child, uint64_t seq, const char *raw, size_t len)
+bool pool_child_alive(const struct pool *p, int child)
+{
+    return p->children[child].fd >= 0;
+}
+
+bool pool_child_leaving(const struct pool *p, int child)
+{
+    return p->children[child].leaving;
+}
+
+void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit, const char *raw, size_t len)
 {
     struct child *c = &p->children[child];
-    put_u32(&c->out, (uint32_t)(1 + 8 + len));
+    put_u32(&c->out, (uint32_t)(1 + 8 + 8 + len));
     buf_append_char(&c->out, FRAME_TASK);
     put_u64(&c->out, seq);
+    buf_append(&c->out, &soft_time_limit, sizeof soft_time_limit);
     buf_append(&c->out, raw, len);
+    c->outstanding++;
 }
 
 int pool_pollfds(struct pool *p, struct pollfd *fds, int max)
 {
     int n = 0;
-    for (int i = 0; i < p->opt.concurrency && n < max; i++) {
+    for (int i = 0; i < p->cap && n < max; i++) {
         struct child *c = &p->children[i];
         if (c->fd >= 0)
             fds[n++] = (struct pollfd){c->fd, POLLIN | (c->out.len ? POLLOUT : 0), 0};
@@ -416,10 +513,12 @@ static void parse_results(struct pool *p, int i)
         memcpy(summary, f + 22 + dlen, slen);
         summary[slen] = '\0';
         r.summary = summary;
+        c->outstanding--;
         p->h.on_result(p->arg, i, &r);
         free(summary);
     }
     buf_consume(&c->in, off);
+    release_if_drained(c);
 }
 
 void pool_process(struct pool *p, const struct pollfd *fds, int n)
@@ -427,7 +526,7 @@ void pool_process(struct pool *p, const struct pollfd *fds, int n)
     for (int k = 0; k < n; k++) {
         if (!fds[k].revents)
             continue;
-        for (int i = 0; i < p->opt.concurrency; i++) {
+        for (int i = 0; i < p->cap; i++) {
             struct child *c = &p->children[i];
             if (c->fd != fds[k].fd)
                 continue;
@@ -453,7 +552,7 @@ void pool_process(struct pool *p, const struct pollfd *fds, int n)
 
 void pool_flush(struct pool *p)
 {
-    for (int i = 0; i < p->opt.concurrency; i++) {
+    for (int i = 0; i < p->cap; i++) {
         struct child *c = &p->children[i];
         if (c->fd < 0 || !c->out.len)
             continue;
@@ -465,18 +564,20 @@ void pool_flush(struct pool *p)
 
 int pool_respawn(struct pool *p, int child)
 {
+    if (!p->children[child].wanted)
+        return 1; /* shrunk away: the index stays empty until a grow reuses it */
     return spawn(p, child);
 }
 
 void pool_stop(struct pool *p)
 {
-    for (int i = 0; i < p->opt.concurrency; i++) {
+    for (int i = 0; i < p->cap; i++) {
         struct child *c = &p->children[i];
         if (c->fd < 0)
             continue;
         shutdown(c->fd, SHUT_WR); /* the child sees EOF once it has read everything queued */
     }
-    for (int i = 0; i < p->opt.concurrency; i++) {
+    for (int i = 0; i < p->cap; i++) {
         struct child *c = &p->children[i];
         if (c->fd < 0)
             continue;
@@ -490,7 +591,7 @@ void pool_stop(struct pool *p)
 
 void pool_kill(struct pool *p)
 {
-    for (int i = 0; i < p->opt.concurrency; i++) {
+    for (int i = 0; i < p->cap; i++) {
         struct child *c = &p->children[i];
         if (c->fd < 0)
             continue;
@@ -505,15 +606,18 @@ void pool_kill(struct pool *p)
 
 bool pool_died_running(const struct pool *p, int child, uint64_t *seq)
 {
-    *seq = __atomic_load_n(&p->slots[child].seq, __ATOMIC_ACQUIRE);
+    const struct pool_slot *slot = p->children[child].slot;
+    *seq = slot ? __atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE) : 0;
     return *seq != 0;
 }
 
 bool pool_running(const struct pool *p, int child, uint64_t *seq, double *started)
 {
-    struct pool_slot *slot = &p->slots[child];
+    struct pool_slot *slot = p->children[child].slot;
+    if (p->children[child].fd < 0 || !slot)
+        return false;
     uint64_t s = __atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE);
-    if (!s || p->children[child].fd < 0)
+    if (!s)
         return false;
     *seq = s;
     __atomic_load(&slot->started, started, __ATOMIC_RELAXED);
@@ -530,8 +634,9 @@ void pool_free(struct pool *p)
 {
     if (!p)
         return;
-    munmap(p->slots, (size_t)p->opt.concurrency * sizeof *p->slots);
-    for (int i = 0; i < p->opt.concurrency; i++) {
+    for (int i = 0; i < p->cap; i++) {
+        if (p->children[i].slot)
+            munmap(p->children[i].slot, sizeof *p->children[i].slot);
         buf_free(&p->children[i].out);
         buf_free(&p->children[i].in);
     }

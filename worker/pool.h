@@ -57,13 +57,35 @@ struct pool_options {
     const char *default_queue;
 };
 
-/* Forks the children. Returns NULL with err filled on failure. */
+/* Forks opt->concurrency children. Returns NULL with err filled on failure. */
 struct pool *pool_start(const struct pool_options *opt, const struct pool_handlers *h, void *arg, char *err,
                         size_t errlen);
+
+/* CHILD INDEXES. A child is known by an index in 0..pool_capacity()-1, stable while it lives; an index may be
+ * empty (shrunk away), and a grow may raise the capacity, so callers that keep per-child state resize it to
+ * pool_capacity() after pool_grow. */
+int pool_capacity(const struct pool *p);
+/* Processes wanted: the concurrency now (those leaving after a shrink are not counted). */
 int pool_size(const struct pool *p);
+/* Whether the child at this index lives and takes new work (not empty, not leaving). */
+bool pool_accepts(const struct pool *p, int child);
+bool pool_child_alive(const struct pool *p, int child);
+/* Its pid (meaningful while pool_child_alive, and in on_child_exit). */
 pid_t pool_child_pid(const struct pool *p, int child);
-/* Queues one raw message (copied) for a child; sent at the next pool_flush. */
-void pool_submit(struct pool *p, int child, uint64_t seq, const char *raw, size_t len);
+/* Whether it was told to leave (shrink or restart): its exit is a planned one. */
+bool pool_child_leaving(const struct pool *p, int child);
+
+/* Celery's pool_grow / pool_shrink. grow forks n more (0, or -1 with errno); shrink picks n children, idle ones
+ * first, which take no new work and exit once what they were given is done (returns how many it picked). */
+int pool_grow(struct pool *p, int n);
+int pool_shrink(struct pool *p, int n);
+/* Replaces every child, each once it has finished what it was given: those forked afterwards run the code the
+ * main process has loaded since (task modules reloaded). Running tasks finish on the code they started on. */
+void pool_restart(struct pool *p);
+
+/* Queues one raw message (copied) for a child that accepts work; sent at the next pool_flush. soft_time_limit:
+ * seconds, for a message that sets none (0: the pool's default). */
+void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit, const char *raw, size_t len);
 int pool_pollfds(struct pool *p, struct pollfd *fds, int max);
 void pool_process(struct pool *p, const struct pollfd *fds, int n);
 void pool_flush(struct pool *p);
@@ -77,7 +99,8 @@ bool pool_died_running(const struct pool *p, int child, uint64_t *seq);
 void pool_kill_child(struct pool *p, int child);
 /* CLOCK_MONOTONIC in seconds: the clock pool_running's start times use. */
 double pool_clock(void);
-/* Replaces a child that exited (after on_child_exit). */
+/* Replaces a child that exited (after on_child_exit): 0, -1 with errno, or 1 when the index was shrunk away and
+ * stays empty. */
 int pool_respawn(struct pool *p, int child);
 /* Asks every child to finish and exit, waits for them. */
 void pool_stop(struct pool *p);

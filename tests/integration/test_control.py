@@ -177,16 +177,61 @@ def test_rate_limit_spreads_a_burst(app, workers, backend):
     assert time.time() - t1 < 2
 
 
-def test_time_limit_and_unsupported_pool_commands(app, workers, backend):
+def test_time_limit_hard_and_soft(app, workers, backend):
     node = "tl@it"
     workers.start("-c", "1", "-n", node)
     assert app.control.time_limit("native.sleep_ms", hard=1, destination=[node], reply=True, timeout=1) == \
         [{node: {"ok": "time limits set successfully"}}]
-    r = app.send_task("native.sleep_ms", args=[5000])
-    name, _ = exc_name_of(r)
+    name, _ = exc_name_of(app.send_task("native.sleep_ms", args=[5000]))
     assert name == "TimeLimitExceeded"
-    [reply] = app.control.pool_grow(1, destination=[node], reply=True, timeout=1)
-    assert "NotImplementedError" in reply[node]["error"]
+    # The soft limit travels with each task of that type to the pool process.
+    app.control.time_limit("native.sleep_ms", soft=0.3, hard=10, destination=[node], reply=True, timeout=1)
+    name, _ = exc_name_of(app.send_task("native.sleep_ms", args=[1500]))
+    assert name == "SoftTimeLimitExceeded"
+    assert app.send_task("native.sleep_ms", args=[10]).get(timeout=TIMEOUT) == 10  # under it
+    # A message's own limit wins over the type's, as in Celery.
+    assert app.send_task("native.sleep_ms", args=[600], soft_time_limit=5).get(timeout=TIMEOUT) == 600
+    [reply] = app.control.autoscale(4, 1, destination=[node], reply=True, timeout=1)
+    assert "Autoscale not enabled" in reply[node]["error"]
+
+
+def _pool(app, node):
+    return only(inspect(app, node).stats(), node)
+
+
+def test_pool_grow_shrink_restart(app, workers, backend):
+    node = "grow@it"
+    workers.start("-c", "1", "-n", node, "--prefetch-multiplier", "2")
+    assert app.control.pool_grow(2, destination=[node], reply=True, timeout=1) == [{node: {"ok": "pool will grow"}}]
+    stats = _pool(app, node)
+    assert stats["pool"]["max-concurrency"] == 3 and len(stats["pool"]["processes"]) == 3
+    assert stats["prefetch_count"] == 6  # follows the pool, as Celery's _update_prefetch_count
+    sleeps = [app.send_task("native.sleep_ms", args=[1500]) for _ in range(3)]
+    wait_until(lambda: len(only(inspect(app, node).active(), node)) == 3, what="three tasks running at once")
+    assert [r.get(timeout=TIMEOUT) for r in sleeps] == [1500] * 3
+
+    assert app.control.pool_shrink(2, destination=[node], reply=True, timeout=1) == \
+        [{node: {"ok": "pool will shrink"}}]
+    wait_until(lambda: len(_pool(app, node)["pool"]["processes"]) == 1, what="two processes leaving")
+    stats = _pool(app, node)
+    assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 2
+    assert [app.send_task("native.add", args=[i, i]).get(timeout=TIMEOUT) for i in range(5)] == [0, 2, 4, 6, 8]
+    [reply] = app.control.pool_shrink(1, destination=[node], reply=True, timeout=1)
+    assert "below one process" in reply[node]["error"]
+
+    # Restart: the running task finishes in its old process; new tasks run in a new one.
+    [old_pid] = _pool(app, node)["pool"]["processes"]
+    running = app.send_task("native.sleep_ms", args=[1000])
+    wait_until(lambda: only(inspect(app, node).active(), node), what="the sleep running")
+    assert app.control.pool_restart(destination=[node], reply=True, timeout=1) == \
+        [{node: {"ok": "reload started"}}]
+    after = app.send_task("native.add", args=[2, 3])
+    assert running.get(timeout=TIMEOUT) == 1000 and after.get(timeout=TIMEOUT) == 5
+    wait_until(lambda: _pool(app, node)["pool"]["processes"] not in ([], [old_pid]), what="a new process")
+    assert app.control.pool_grow(1, destination=[node], reply=True, timeout=1)  # reuses the shrunk indexes
+    wait_until(lambda: len(_pool(app, node)["pool"]["processes"]) == 2, what="grown again")
+    assert [r.get(timeout=TIMEOUT) for r in [app.send_task("native.add", args=[1, i]) for i in range(20)]] == \
+        [1 + i for i in range(20)]
 
 
 def test_add_and_cancel_consumer(app, workers, broker):
