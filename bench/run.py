@@ -607,7 +607,8 @@ def main():
             log(f"bench: private redis-server on 127.0.0.1:{rs.port} (broker db 0, results db 1)")
             os.environ["CELERY_BROKER_URL"] = rs.url(0)
             os.environ["CELERY_RESULT_BACKEND"] = rs.url(1)
-            os.environ.pop("CELERIAC_NATIVE_QUEUE", None)
+            os.environ["CELERIAC_MODE"] = "native"
+            os.environ["CELERIAC_NATIVE_QUEUE"] = "celery"  # both workers consume the default queue
             os.environ.pop("CELERIAC_QUEUE", None)
             from python_tasks.app import app  # reads the environment at import
             r0 = rs.client(0)

@@ -117,7 +117,8 @@ def main():
     with RedisServer() as rs:
         os.environ["CELERY_BROKER_URL"] = rs.url(0)
         os.environ["CELERY_RESULT_BACKEND"] = rs.url(1)
-        os.environ.pop("CELERIAC_NATIVE_QUEUE", None)
+        os.environ["CELERIAC_MODE"] = "native"
+        os.environ["CELERIAC_NATIVE_QUEUE"] = "celery"  # both workers consume the default queue
         from python_tasks.app import app
         log(f"bench workflows: redis on 127.0.0.1:{rs.port}; chord of {opts.chord_size} native.add -> native.xsum; "
             f"fib_tree{opts.fib}; median of {opts.repeat}")

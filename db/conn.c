@@ -128,7 +128,7 @@ static int exec_command(PGconn *c, const char *sql, PGresult **res)
     return -1;
 }
 
-struct pg_conn *db_begin(struct task_ctx *ctx, bool read_only)
+struct pg_conn *task_db_begin(struct task_ctx *ctx, bool read_only)
 {
     const char *begin = read_only ? "BEGIN READ ONLY" : "BEGIN";
     PGresult *res = NULL;
@@ -141,7 +141,7 @@ struct pg_conn *db_begin(struct task_ctx *ctx, bool read_only)
         if (exec_command(c, begin, &res) == 0)
             return c;
         if (PQstatus(c) == CONNECTION_OK || attempt == 1) {
-            db_fail(ctx, c, res);
+            task_db_fail(ctx, c, res);
             PQclear(res);
             if (PQstatus(c) != CONNECTION_OK)
                 drop_connection();
@@ -155,17 +155,17 @@ struct pg_conn *db_begin(struct task_ctx *ctx, bool read_only)
     return NULL;
 }
 
-int db_commit(struct task_ctx *ctx, struct pg_conn *c)
+int task_db_commit(struct task_ctx *ctx, struct pg_conn *c)
 {
     PGresult *res = NULL;
     if (exec_command(c, "COMMIT", &res) == 0)
         return 0;
-    db_fail(ctx, c, res);
+    task_db_fail(ctx, c, res);
     PQclear(res);
     return -1;
 }
 
-void db_rollback(struct pg_conn *c)
+void task_db_rollback(struct pg_conn *c)
 {
     if (PQstatus(c) == CONNECTION_OK)
         PQclear(PQexec(c, "ROLLBACK"));
@@ -205,7 +205,7 @@ const char *db_exc_type_for_sqlstate(const char *s)
     return "DatabaseError";
 }
 
-enum task_outcome db_fail(struct task_ctx *ctx, struct pg_conn *c, const struct pg_result *res)
+enum task_outcome task_db_fail(struct task_ctx *ctx, struct pg_conn *c, const struct pg_result *res)
 {
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;

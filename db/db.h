@@ -142,19 +142,8 @@ struct pg_conn;
 struct pg_result;
 /* Whether the configured allow-list holds t. */
 bool db_table_allowed(const struct db_table *t);
-/* This process's connection inside a new transaction (BEGIN, or BEGIN READ ONLY), opened or reopened as
- * needed. When BEGIN fails because the connection broke (PostgreSQL restarted since the last task), it is
- * tried once more on a new connection: nothing of the task was sent yet. Returns NULL after task_fail
- * (OperationalError, ...). The connection stays owned by db/; end the transaction with db_commit or
- * db_rollback. */
-struct pg_conn *db_begin(struct task_ctx *ctx, bool read_only);
-/* COMMIT; returns 0, or -1 after task_fail. */
-int db_commit(struct task_ctx *ctx, struct pg_conn *c);
-/* ROLLBACK, best effort (a broken connection is reopened by the next db_begin). */
-void db_rollback(struct pg_conn *c);
-/* task_fail with res's server error (res borrowed; NULL: the connection's last error), its SQLSTATE mapped
- * by db_exc_type_for_sqlstate. Returns TASK_FAILURE. */
-enum task_outcome db_fail(struct task_ctx *ctx, struct pg_conn *c, const struct pg_result *res);
+/* The connection and transactions: task_db_begin, task_db_commit, task_db_rollback and task_db_fail, declared
+ * in celeriac.h (task modules use them too) and implemented in conn.c. */
 
 /* The Python exception class a psycopg2 / SQLAlchemy user knows for a SQLSTATE ("23505" ->
  * "IntegrityError"), following psycopg2's classes; NULL or unknown -> "DatabaseError". */

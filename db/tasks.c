@@ -120,7 +120,7 @@ static int column_kinds(struct task_ctx *ctx, PGconn *c, const struct db_table *
     const char *params[] = {table.data};
     PGresult *res = PQexecParams(c, sql, 1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        db_fail(ctx, c, res);
+        task_db_fail(ctx, c, res);
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
@@ -148,7 +148,7 @@ static PGresult *run(struct task_ctx *ctx, PGconn *c, const char *sql, ExecStatu
     PGresult *res = PQexec(c, sql);
     if (PQresultStatus(res) == want)
         return res;
-    db_fail(ctx, c, res);
+    task_db_fail(ctx, c, res);
     PQclear(res);
     return NULL;
 }
@@ -217,7 +217,7 @@ static void copy_abort(PGconn *c, const char *why)
 static int copy_send(struct task_ctx *ctx, PGconn *c, struct db_buf *b)
 {
     if (b->len && PQputCopyData(c, b->data, (int)b->len) != 1) {
-        db_fail(ctx, c, NULL);
+        task_db_fail(ctx, c, NULL);
         return -1;
     }
     b->len = 0;
@@ -274,12 +274,12 @@ static int copy_rows(struct task_ctx *ctx, PGconn *c, const char *target_sql, co
     if (copy_send(ctx, c, &enc.out) < 0)
         goto out;
     if (PQputCopyEnd(c, NULL) != 1) {
-        db_fail(ctx, c, NULL);
+        task_db_fail(ctx, c, NULL);
         goto out;
     }
     res = copy_result(c);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        db_fail(ctx, c, res);
+        task_db_fail(ctx, c, res);
         goto out;
     }
     *copied = strtoll(PQcmdTuples(res), NULL, 10);
@@ -351,7 +351,7 @@ static int bulk_copy(struct bulk *b, const char *temp, const json_t *rows, const
     b->kinds = calloc(b->ncols, sizeof *b->kinds);
     if (!b->kinds)
         abort();
-    if (!(b->c = db_begin(b->ctx, false)))
+    if (!(b->c = task_db_begin(b->ctx, false)))
         return -1;
     progress_start(&b->prog, b->ctx, json_array_size(rows));
     struct db_buf target = {0};
@@ -382,7 +382,7 @@ static enum task_outcome bulk_finish(struct bulk *b, json_t *value, json_t **res
     *result = NULL;
     if (value && b->c) {
         progress_end(&b->prog);
-        if (db_commit(b->ctx, b->c) == 0) {
+        if (task_db_commit(b->ctx, b->c) == 0) {
             b->c = NULL;
             *result = value;
             value = NULL;
@@ -390,7 +390,7 @@ static enum task_outcome bulk_finish(struct bulk *b, json_t *value, json_t **res
     }
     json_decref(value);
     if (b->c)
-        db_rollback(b->c);
+        task_db_rollback(b->c);
     PQclear(b->res);
     free(b->cols);
     free(b->kinds);
@@ -544,7 +544,7 @@ enum task_outcome db_task_aggregate(struct task_ctx *ctx, json_t *args, json_t *
         db_buf_puts(&sql, " ORDER BY ");
         append_column_list(&sql, "", group, ngroup);
     }
-    if (!(c = db_begin(ctx, true)) || !(res = run(ctx, c, sql.data, PGRES_TUPLES_OK)))
+    if (!(c = task_db_begin(ctx, true)) || !(res = run(ctx, c, sql.data, PGRES_TUPLES_OK)))
         goto out;
     groups = json_array();
     for (int r = 0; r < PQntuples(res); r++) {
@@ -566,14 +566,14 @@ enum task_outcome db_task_aggregate(struct task_ctx *ctx, json_t *args, json_t *
             json_array_insert_new(row, 0, json_null());
         json_array_append_new(groups, row);
     }
-    if (db_commit(ctx, c) < 0)
+    if (task_db_commit(ctx, c) < 0)
         goto out;
     c = NULL;
     *result = groups;
     groups = NULL;
 out:
     if (c)
-        db_rollback(c);
+        task_db_rollback(c);
     json_decref(groups);
     PQclear(res);
     free(group);

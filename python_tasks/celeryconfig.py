@@ -5,10 +5,16 @@ Everything comes from the environment, with the same defaults as `celeriac worke
   CELERY_BROKER_URL       broker             [redis://127.0.0.1:6379/0]
   CELERY_RESULT_BACKEND   result backend     [none: results are not stored, as in Celery and celeriac]
   CELERIAC_QUEUE          default queue      [celery]
-  CELERIAC_NATIVE_QUEUE   if set, native.* tasks are routed to this queue (start celeriac with -Q <it>);
-                          unset, they go to the default queue like any other task
+  CELERIAC_MODE           which engine runs the native.* tasks                                 [native]
+                          native: celeriac, on CELERIAC_NATIVE_QUEUE (start it with `celeriac worker -Q native`)
+                          python: a stock Celery worker running the pure-Python versions of the built-ins
+                                  (`python3 -m celery -A python_tasks.fallbacks worker`), on CELERIAC_PYTHON_QUEUE
+  CELERIAC_NATIVE_QUEUE   the queue celeriac consumes                                          [native]
+  CELERIAC_PYTHON_QUEUE   the queue the fallback worker consumes          [the default queue, CELERIAC_QUEUE]
 
-Only JSON is used: celeriac refuses pickle, yaml and msgpack.
+One call site, two engines: `fib.delay(30)` runs natively or in Python depending on CELERIAC_MODE alone, so a
+team can compare the two and roll back without touching code. Only JSON is used: celeriac refuses pickle,
+yaml and msgpack.
 """
 import os
 
@@ -25,5 +31,11 @@ timezone = "UTC"
 
 task_default_queue = os.environ.get("CELERIAC_QUEUE") or "celery"
 
-_native_queue = os.environ.get("CELERIAC_NATIVE_QUEUE")
-task_routes = {"native.*": {"queue": _native_queue}} if _native_queue else {}
+MODE = (os.environ.get("CELERIAC_MODE") or "native").strip().lower()
+if MODE not in ("native", "python"):
+    raise ValueError(f"CELERIAC_MODE must be 'native' or 'python', not {MODE!r}")
+if MODE == "native":
+    NATIVE_QUEUE = os.environ.get("CELERIAC_NATIVE_QUEUE") or "native"
+else:
+    NATIVE_QUEUE = os.environ.get("CELERIAC_PYTHON_QUEUE") or task_default_queue
+task_routes = {"native.*": {"queue": NATIVE_QUEUE}}

@@ -159,8 +159,8 @@ def main():
         # The stock Celery client app, configured from the environment like a Flask app would be.
         os.environ["CELERY_BROKER_URL"] = broker
         os.environ["CELERY_RESULT_BACKEND"] = backend
-        if queue:
-            os.environ["CELERIAC_NATIVE_QUEUE"] = queue
+        os.environ["CELERIAC_MODE"] = "native"
+        os.environ["CELERIAC_NATIVE_QUEUE"] = queue or "celery"  # where the celeriac started below consumes
         from celery.result import ResultSet
         from python_tasks.app import app
         from python_tasks.native import add, echo, fail, fib, noop, xsum

@@ -233,6 +233,12 @@ static int parse_signature(const char *params, struct signature *sig)
     }
 }
 
+bool task_params_valid(const char *params)
+{
+    struct signature sig;
+    return parse_signature(params, &sig) == 0;
+}
+
 /* Returns a new reference for the default text, or NULL when it is not a literal we understand. */
 static json_t *parse_default(const struct param *p)
 {
@@ -329,6 +335,7 @@ enum task_outcome task_invoke(const struct task_def *task, struct task_ctx *ctx,
 {
     const char *fname = short_name(task);
     struct signature sig;
+    ctx->def = task;
     json_t *bound[TASK_MAX_PARAMS] = {NULL}; /* borrowed from args/kwargs, except defaults (see owned) */
     bool owned[TASK_MAX_PARAMS] = {false};
     json_t *call_args = NULL;                /* owned */
@@ -455,4 +462,128 @@ out:
 int task_update_state(struct task_ctx *ctx, const char *state, json_t *meta)
 {
     return ctx->update_state ? ctx->update_state(ctx, state, meta) : -1;
+}
+
+/* ------------------------------------------------------------------ the module API (celeriac.h) */
+
+enum task_outcome task_return(struct task_ctx *ctx, json_t **result, json_t *value)
+{
+    if (!value)
+        return task_fail(ctx, "MemoryError", "out of memory");
+    *result = value;
+    return TASK_SUCCESS;
+}
+
+json_t *task_arg(const struct task_ctx *ctx, json_t *args, const char *name)
+{
+    struct signature sig;
+    if (!ctx->def || !name || parse_signature(ctx->def->params, &sig) < 0)
+        return NULL;
+    int i = find_param(&sig, name);
+    return i < 0 ? NULL : json_array_get(args, (size_t)i);
+}
+
+/* The declared parameter, or NULL after a failure that says what is wrong: asking for a parameter the task
+ * does not declare is the task author's bug, reported as such rather than as the caller's TypeError. */
+static json_t *arg_or_fail(struct task_ctx *ctx, json_t *args, const char *name)
+{
+    json_t *v = task_arg(ctx, args, name);
+    if (!v)
+        task_fail(ctx, "SystemError", "%s() reads parameter '%s', which it does not declare (params: \"%s\")",
+                  ctx->def ? short_name(ctx->def) : "task", name ? name : "(null)",
+                  ctx->def && ctx->def->params ? ctx->def->params : "");
+    return v;
+}
+
+static bool wrong_type(struct task_ctx *ctx, const char *name, const char *want, const json_t *v)
+{
+    task_fail(ctx, "TypeError", "%s() argument '%s' must be %s, not %s", ctx->def ? short_name(ctx->def) : "task",
+              name, want, task_pytype(v));
+    return false;
+}
+
+bool task_arg_int(struct task_ctx *ctx, json_t *args, const char *name, long long *out)
+{
+    json_t *v = arg_or_fail(ctx, args, name);
+    if (!v)
+        return false;
+    if (json_is_integer(v))
+        *out = json_integer_value(v);
+    else if (json_is_boolean(v))
+        *out = json_is_true(v);
+    else
+        return wrong_type(ctx, name, "int", v);
+    return true;
+}
+
+bool task_arg_number(struct task_ctx *ctx, json_t *args, const char *name, double *out)
+{
+    json_t *v = arg_or_fail(ctx, args, name);
+    if (!v)
+        return false;
+    if (json_is_integer(v))
+        *out = (double)json_integer_value(v);
+    else if (json_is_real(v))
+        *out = json_real_value(v);
+    else if (json_is_boolean(v))
+        *out = json_is_true(v);
+    else
+        return wrong_type(ctx, name, "a number", v);
+    return true;
+}
+
+bool task_arg_bool(struct task_ctx *ctx, json_t *args, const char *name, bool *out)
+{
+    json_t *v = arg_or_fail(ctx, args, name);
+    if (!v)
+        return false;
+    if (!json_is_boolean(v))
+        return wrong_type(ctx, name, "bool", v);
+    *out = json_is_true(v);
+    return true;
+}
+
+bool task_arg_str(struct task_ctx *ctx, json_t *args, const char *name, const char **out)
+{
+    json_t *v = arg_or_fail(ctx, args, name);
+    if (!v)
+        return false;
+    if (!json_is_string(v))
+        return wrong_type(ctx, name, "str", v);
+    *out = json_string_value(v);
+    return true;
+}
+
+bool task_arg_list(struct task_ctx *ctx, json_t *args, const char *name, json_t **out)
+{
+    json_t *v = arg_or_fail(ctx, args, name);
+    if (!v)
+        return false;
+    if (!json_is_array(v))
+        return wrong_type(ctx, name, "list", v);
+    *out = v;
+    return true;
+}
+
+bool task_arg_dict(struct task_ctx *ctx, json_t *args, const char *name, json_t **out)
+{
+    json_t *v = arg_or_fail(ctx, args, name);
+    if (!v)
+        return false;
+    if (!json_is_object(v))
+        return wrong_type(ctx, name, "dict", v);
+    *out = v;
+    return true;
+}
+
+bool task_should_stop(const struct task_ctx *ctx)
+{
+    return task_soft_time_limit_exceeded(ctx) || (ctx->revoked && ctx->revoked(ctx));
+}
+
+enum task_outcome task_stop(struct task_ctx *ctx)
+{
+    if (task_soft_time_limit_exceeded(ctx))
+        return task_fail(ctx, "SoftTimeLimitExceeded", "soft time limit exceeded");
+    return task_fail(ctx, "TaskRevokedError", "revoked");
 }

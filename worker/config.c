@@ -89,6 +89,10 @@ static const struct option_spec options[] = {
      "serve /healthz, /readyz and /metrics (Prometheus) on this port [default: no HTTP server]"},
     {"http-bind", 0, OPT_STRING, FIELD(http_bind), NULL, "0.0.0.0", "ADDR",
      "IPv4 address the HTTP server listens on"},
+    {"tasks", 0, OPT_STRING, FIELD(tasks_path), "CELERIAC_TASKS", NULL, "PATH",
+     "task modules to load: a .so, a directory of .so files, or a directory of .c files (built first)"},
+    {"dev", 0, OPT_BOOL, FIELD(dev), NULL, NULL, NULL,
+     "watch the --tasks directory of .c files; rebuild and swap modules in on every change"},
     {"help", 0, OPT_HELP, 0, NULL, NULL, NULL, "show this help and exit"},
     {"version", 0, OPT_VERSION, 0, NULL, NULL, NULL, "show the version and exit"},
 };
@@ -341,9 +345,12 @@ char *redis_url_redact(const char *url)
 static void print_help(FILE *f)
 {
     fprintf(f, "usage: celeriac worker [options]\n"
+               "       celeriac new-task NAME [--dir DIR]     write DIR/NAME.c, a commented example task\n"
+               "       celeriac build DIR                     compile DIR/*.c into task modules (DIR/*.so)\n"
+               "       celeriac stubs [--tasks PATH] [-o FILE]  write Python stubs for every registered task\n"
                "       celeriac --help | --version\n\n"
                "Runs Celery tasks natively: a worker that stock Celery clients reach through Redis.\n\n"
-               "options:\n");
+               "worker options:\n");
     for (size_t i = 0; i < NOPTIONS; i++) {
         const struct option_spec *o = &options[i];
         char left[64];
@@ -555,6 +562,8 @@ static int finish(struct config *c, const bool *seen, char *err, size_t errlen)
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         c->concurrency = n > 0 && n < INT_MAX ? (int)n : 1;
     }
+    if (c->dev && !c->tasks_path)
+        return fail(err, errlen, "--dev needs --tasks DIR (a directory of task .c files)");
     char *given = c->node_name;
     c->node_name = NULL;
     int rc = expand_node_name(c, given ? given : "", err, errlen);
@@ -576,7 +585,7 @@ int config_parse(int argc, char **argv, struct config *out, char *err, size_t er
             if (command)
                 rc = fail(err, errlen, "unexpected argument '%s'", a);
             else if (strcmp(a, "worker") != 0)
-                rc = fail(err, errlen, "unknown command '%s' (the only command is 'worker')", a);
+                rc = fail(err, errlen, "unknown command '%s' (commands: worker, new-task, build, stubs)", a);
             command = a;
         } else if (strcmp(a, "--") == 0) {
             options_done = true;
@@ -635,5 +644,6 @@ void config_clear(struct config *c)
     free(c->pg_tables);
     free(c->default_queue);
     free(c->http_bind);
+    free(c->tasks_path);
     memset(c, 0, sizeof *c);
 }

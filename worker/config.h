@@ -66,6 +66,8 @@ struct config {
     char *pg_tables;            /* --pg-tables, else $CELERIAC_PG_TABLES: tables the db tasks may touch [none] */
     int http_port;              /* --http-port: /healthz, /readyz, /metrics [0: no HTTP server] */
     char *http_bind;            /* --http-bind IPv4 address for it ["0.0.0.0"] */
+    char *tasks_path;           /* --tasks, else $CELERIAC_TASKS: task modules to load (worker/taskdir.h) [none] */
+    bool dev;                   /* --dev: rebuild and swap the --tasks modules on change */
 };
 
 enum config_outcome {

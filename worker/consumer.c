@@ -27,6 +27,7 @@
 #include "pubsub.h"
 #include "result.h"
 #include "revoked.h"
+#include "taskdir.h"
 #include "task.h"
 
 /* One message from the moment it is fetched until it is settled (result stored and acked, or requeued). */
@@ -68,7 +69,7 @@ struct child_state {
 /* Expected runtime per task name (an moving average), so that short tasks are queued to children ahead of
  * time (keeping the pool busy while the main loop talks to Redis) while long ones are handed out one at a
  * time to whichever child is free, as Celery's fair scheduling does. */
-#define POOL_GROW_MAX 256 /* per pool_grow command: a typo of 10000 must not fork-bomb the host */
+#define POOL_MAX 256 /* processes, whatever pool_grow asks: the poll set is sized for it */
 #define COST_SLOTS 256
 #define COST_UNKNOWN 0.002 /* a task never seen is assumed long: handed only to an idle child */
 #define DISPATCH_HORIZON 0.002 /* queue to a busy child only while its backlog is shorter than this */
@@ -114,6 +115,7 @@ struct consumer {
     struct pool *pool;
     struct child_state *children; /* one per pool index (pool_capacity) */
     int nchildren;
+    struct taskdir *taskdir;      /* --tasks modules, NULL without */
 
     struct job_list ready; /* decoded, waiting for a child */
     struct job_list throttled; /* waiting for a rate-limit token, in arrival order (counted in held) */
@@ -1011,6 +1013,48 @@ static double parse_rate(const char *text)
     return -1;
 }
 
+/* Per-child state follows the pool's capacity, which a grow may raise. */
+static void children_fit(struct consumer *c)
+{
+    int cap = pool_capacity(c->pool);
+    if (cap <= c->nchildren)
+        return;
+    struct child_state *grown = realloc(c->children, (size_t)cap * sizeof *grown);
+    if (!grown)
+        abort();
+    memset(grown + c->nchildren, 0, (size_t)(cap - c->nchildren) * sizeof *grown);
+    c->children = grown;
+    c->nchildren = cap;
+}
+
+/* A loaded task's declared rate_limit (celeriac.h) applies as if set by the rate_limit command. */
+static void apply_rate_default(const struct task_def *t, void *arg)
+{
+    struct consumer *c = arg;
+    if (!t->rate_limit)
+        return;
+    double rate = parse_rate(t->rate_limit);
+    struct task_limits *l = rate >= 0 ? task_limits(c, t->name, true) : NULL;
+    if (rate < 0)
+        log_warning("Task %s declares rate_limit \"%s\", which is not like \"10/s\", \"100/m\" or \"5/h\": ignored",
+                    t->name, t->rate_limit);
+    if (!l)
+        return;
+    l->rate = rate;
+    l->tokens = 1.0;
+    l->last = epoch_now();
+}
+
+/* After loading or reloading task modules: their declared defaults, and new processes for the new code. */
+static void tasks_loaded(struct consumer *c, bool restart_pool)
+{
+    task_registry_each(apply_rate_default, c);
+    if (restart_pool) {
+        pool_restart(c->pool);
+        children_fit(c);
+    }
+}
+
 /* ------------------------------------------------------------------ dispatch */
 
 static void dispatch(struct consumer *c)
@@ -1054,12 +1098,18 @@ static void dispatch(struct consumer *c)
         j->cost = cost;
         metrics_queue_latency(c->metrics, now - fmax(j->received, j->eta));
         struct task_limits *tl = task_limits(c, j->req.task.s, false);
-        j->hard_limit = j->req.has_time_limit ? j->req.time_limit
-                        : tl && tl->hard_limit > 0 ? tl->hard_limit : c->cfg->time_limit;
+        const struct task_def *def = task_registry_find(j->req.task.s);
+        /* Celery's precedence: the message, then the task type's limit (time_limit control), then the task's
+         * declared default, then the worker's. */
+        j->hard_limit = j->req.has_time_limit             ? j->req.time_limit
+                        : tl && tl->hard_limit > 0        ? tl->hard_limit
+                        : def && def->time_limit > 0      ? def->time_limit
+                                                          : c->cfg->time_limit;
+        double soft_limit = tl && tl->soft_limit > 0 ? tl->soft_limit : def ? def->soft_time_limit : 0;
         cs->backlog += cost;
-        pool_submit(c->pool, best, j->seq, tl ? tl->soft_limit : 0, j->delivery->raw, j->delivery->len);
+        pool_submit(c->pool, best, j->seq, soft_limit, j->delivery->raw, j->delivery->len);
         list_push(&cs->jobs, j);
-        if (!c->cfg->acks_late)
+        if (!c->cfg->acks_late && !(def && def->acks_late))
             job_ack(c, j); /* early ack: the pool has accepted it */
         if (c->cfg->track_started && c->backend && j->req.id.s && !j->req.ignore_result) {
             struct buf doc = {0};
@@ -1364,6 +1414,12 @@ static json_t *cmd_revoke(struct consumer *c, const json_t *args)
         revoked_add(c->revoked, id, now);
         bus_revoked_add(c->bus, REVOKED_KEY, id, now, REVOKED_TTL, REVOKED_MAX);
         revoke_waiting(c, id);
+        for (int k = 0; !terminate && k < pool_capacity(c->pool); k++) {
+            double started;
+            struct job *j = running_job(c, k, &started);
+            if (j && j->req.id.s && strcmp(j->req.id.s, id) == 0)
+                pool_flag_revoked(c->pool, k, j->seq); /* a task that looks (task_should_stop) stops */
+        }
         for (int k = 0; terminate && k < pool_capacity(c->pool); k++) {
             double started;
             struct job *j = running_job(c, k, &started);
@@ -1483,20 +1539,6 @@ static json_t *cmd_autoscale(struct consumer *c, const json_t *args)
     return error_reply("ValueError('Autoscale not enabled')");
 }
 
-/* Per-child state follows the pool's capacity, which a grow may raise. */
-static void children_fit(struct consumer *c)
-{
-    int cap = pool_capacity(c->pool);
-    if (cap <= c->nchildren)
-        return;
-    struct child_state *grown = realloc(c->children, (size_t)cap * sizeof *grown);
-    if (!grown)
-        abort();
-    memset(grown + c->nchildren, 0, (size_t)(cap - c->nchildren) * sizeof *grown);
-    c->children = grown;
-    c->nchildren = cap;
-}
-
 /* Celery's _update_prefetch_count: the prefetch follows the number of processes. */
 static void prefetch_follow_pool(struct consumer *c)
 {
@@ -1513,8 +1555,8 @@ static int control_count(const json_t *args)
 static json_t *cmd_pool_grow(struct consumer *c, const json_t *args)
 {
     int n = control_count(args);
-    if (n < 0 || n > POOL_GROW_MAX)
-        return error_reply("ValueError('pool_grow: n must be between 0 and 256')");
+    if (n < 0 || n + pool_size(c->pool) > POOL_MAX)
+        return error_reply("ValueError('pool_grow: at most 256 processes')");
     if (pool_grow(c->pool, n) < 0)
         log_error("pool_grow: cannot start a pool process: %s", strerror(errno));
     children_fit(c);
@@ -1537,7 +1579,11 @@ static json_t *cmd_pool_shrink(struct consumer *c, const json_t *args)
 static json_t *cmd_pool_restart(struct consumer *c, const json_t *args)
 {
     (void)args;
-    pool_restart(c->pool);
+    /* With --tasks, the modules are rebuilt (or reloaded) first, so that the new processes run them: the
+     * native counterpart of pool_restart(reload=True). A failed build keeps the old ones serving. */
+    if (c->taskdir)
+        taskdir_reload(c->taskdir);
+    tasks_loaded(c, true);
     log_info("Pool restart: each process is replaced once its current tasks are done");
     return ok_reply("reload started");
 }
@@ -1806,6 +1852,16 @@ int consumer_run(const struct config *cfg)
                           sizeof err) < 0)
         goto fail_config;
 
+    if (cfg->concurrency > POOL_MAX) {
+        snprintf(err, sizeof err, "-c %d: at most %d processes", cfg->concurrency, POOL_MAX);
+        goto fail_config;
+    }
+    if (cfg->tasks_path) {
+        c->taskdir = taskdir_open(cfg->tasks_path, cfg->dev, err, sizeof err);
+        if (!c->taskdir)
+            goto fail_config;
+        tasks_loaded(c, false);
+    }
     install_signals();
     task_registry_enable_test_tasks(cfg->enable_test_tasks);
     /* Fork the pool first: no connection may cross a fork. */
@@ -1929,7 +1985,7 @@ int consumer_run(const struct config *cfg)
             backend_flush(c->backend);
         log_flush();
 
-        struct pollfd fds[32 + 256]; /* signal, broker 4, backend 2, bus 2, http 17, pool 256 */
+        struct pollfd fds[32 + POOL_MAX]; /* signal, broker 4, backend 2, bus 2, http 17, inotify 1, pool */
         int nfds = 0;
         fds[nfds++] = (struct pollfd){signal_pipe[0], POLLIN, 0};
         int bfirst = nfds;
@@ -1946,8 +2002,11 @@ int consumer_run(const struct config *cfg)
         if (c->http)
             nfds += http_pollfds(c->http, fds + nfds, 17);
         int hcount = nfds - hfirst;
+        int tfirst = nfds;
+        if (taskdir_fd(c->taskdir) >= 0)
+            fds[nfds++] = (struct pollfd){taskdir_fd(c->taskdir), POLLIN, 0};
         int pfirst = nfds;
-        nfds += pool_pollfds(c->pool, fds + nfds, 256);
+        nfds += pool_pollfds(c->pool, fds + nfds, POOL_MAX);
         int pcount = nfds - pfirst;
 
         now = epoch_now();
@@ -1977,6 +2036,9 @@ int consumer_run(const struct config *cfg)
         int limit_ms = enforce_time_limits(c);
         if (limit_ms >= 0 && limit_ms < timeout)
             timeout = limit_ms;
+        int rebuild_ms = taskdir_next_ms(c->taskdir, pool_clock());
+        if (rebuild_ms >= 0 && rebuild_ms < timeout)
+            timeout = rebuild_ms;
         int n = poll(fds, (nfds_t)nfds, timeout);
         if (n < 0 && errno != EINTR) {
             log_critical("poll: %s", strerror(errno));
@@ -1994,6 +2056,10 @@ int consumer_run(const struct config *cfg)
             if (c->backend)
                 backend_process(c->backend, fds + befirst, becount);
         }
+        if (tfirst < pfirst && fds[tfirst].revents)
+            taskdir_on_readable(c->taskdir, pool_clock());
+        if (!c->stopping && taskdir_tick(c->taskdir, pool_clock()) == 1)
+            tasks_loaded(c, true);
         now = epoch_now();
         if (c->http)
             http_process(c->http, fds + hfirst, n > 0 ? hcount : 0, now);
@@ -2030,6 +2096,7 @@ out:
     if (c->pool && exit_code != 0 && !c->cold)
         pool_kill(c->pool);
     pool_free(c->pool);
+    taskdir_close(c->taskdir);
     for (int i = 0; c->children && i < c->nchildren; i++) {
         struct job *j;
         while ((j = list_pop(&c->children[i].jobs)))

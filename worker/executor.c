@@ -141,6 +141,15 @@ static redisContext *task_redis(struct task_ctx *ctx)
     return c;
 }
 
+/* The main process stamps the seq of a running task it was asked to revoke (without terminate) in memory
+ * shared with this process; the task is the one revoked when that matches the seq running now. */
+static bool task_revoked_impl(const struct task_ctx *ctx)
+{
+    const struct executor *ex = ctx->host;
+    uint64_t running = __atomic_load_n(ex->opt.running_seq, __ATOMIC_ACQUIRE);
+    return running && __atomic_load_n(ex->opt.revoke_seq, __ATOMIC_ACQUIRE) == running;
+}
+
 static int task_update_state_impl(struct task_ctx *ctx, const char *state, json_t *meta)
 {
     struct executor *ex = ctx->host;
@@ -165,7 +174,9 @@ static void fail_doc(struct buf *doc, struct buf *summary, const struct msg_requ
         struct buf tb = {0};
         result_traceback(&tb, req->task.s ? req->task.s : "?", exc_type, message);
         struct result_meta meta = {.task_id = req->id.s, .group_id = req->group.s, .parent_id = req->parent_id.s};
-        result_doc_exception(doc, &meta, "FAILURE", exc_type, message, tb.data, epoch_now());
+        /* A task that noticed its revocation (task_stop) ends as a revoked task does, in state REVOKED. */
+        const char *state = strcmp(exc_type, "TaskRevokedError") == 0 ? "REVOKED" : "FAILURE";
+        result_doc_exception(doc, &meta, state, exc_type, message, tb.data, epoch_now());
         buf_free(&tb);
     }
     result_exc_repr(summary, exc_type, message);
@@ -358,6 +369,7 @@ enum executor_status executor_run(struct executor *ex, const char *raw, size_t l
         .host = ex,
         .redis_retry_s = ex->opt.redis ? 30.0 : 0, /* rides out a Redis restart rather than failing the task */
         .update_state = ex->opt.backend ? task_update_state_impl : NULL,
+        .revoked = ex->opt.revoke_seq ? task_revoked_impl : NULL,
     };
     ex->current = &req;
     /* Celery's precedence: the message's own limit, then the task type's (time_limit control), then the

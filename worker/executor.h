@@ -5,6 +5,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "broker.h"
 #include "buf.h"
@@ -20,6 +21,10 @@ struct executor_options {
     double soft_time_limit;                /* seconds, for messages that set none (0: none) */
     const char *native_queue;              /* where the tasks it sends go (see canvas.h) */
     const char *default_queue;
+    /* In memory shared with the main process: the seq of the task running now (0 between tasks) and the seq
+     * of a running task revoked without terminate (task_should_stop); NULL: no revocation while running. */
+    const uint64_t *running_seq;
+    const uint64_t *revoke_seq;
 };
 
 /* Everything in opt borrowed; it must outlive the executor. Free with executor_free. */

@@ -1,4 +1,5 @@
-/* celeriac: command line, logging set-up and wiring; the work is in consumer.c. */
+/* celeriac: command line, logging set-up and wiring; the work is in consumer.c (worker) and sdk.c (the task
+ * commands). */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -6,9 +7,16 @@
 #include "consumer.h"
 #include "db.h"
 #include "log.h"
+#include "sdk.h"
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && sdk_is_command(argv[1])) {
+        log_init(LOG_WARNING, "MainProcess");
+        int code = sdk_main(argc, argv);
+        log_flush();
+        return code;
+    }
     struct config cfg = {0};
     char err[512];
     int rc = config_parse(argc, argv, &cfg, err, sizeof err);

@@ -35,7 +35,6 @@ struct child {
     struct buf in;    /* bytes read, not yet parsed */
     char name[32];    /* "ForkPoolWorker-N", N counting every child ever started, as Celery does */
     struct pool_slot *slot; /* its own shared page, mapped once per index and kept for the index's next child */
-    unsigned generation;    /* pool generation it was forked in: older ones run the code loaded before */
     long outstanding;       /* tasks submitted whose result frame has not come back */
     bool wanted;            /* the index should hold a process (false once shrunk away, or never used) */
     bool leaving;           /* takes no new work; its input is closed once it has nothing outstanding */
@@ -45,8 +44,9 @@ struct child {
 /* One per child, in memory shared with it: the child stamps the task it starts, so the main process can
  * enforce hard time limits without asking. Written only by the child, read only by the main process. */
 struct pool_slot {
-    uint64_t seq;   /* the task running now, 0 between tasks */
-    double started; /* when it started, pool_clock() seconds */
+    uint64_t seq;        /* the task running now, 0 between tasks */
+    double started;      /* when it started, pool_clock() seconds */
+    uint64_t revoke_seq; /* written by the main process: a running task revoked without terminate */
 };
 
 struct pool {
@@ -56,7 +56,6 @@ struct pool {
     struct child *children; /* cap entries; indexes are stable for the life of the pool */
     int cap;
     int started;             /* children ever started, for names */
-    unsigned generation;     /* bumped by pool_restart */
 };
 
 static void put_u32(struct buf *b, uint32_t v)
@@ -204,7 +203,8 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
     bool retire = false;
     struct child_store store = {.opt = opt};
     struct executor_options eopt = {opt->hostname,       opt->redis,         opt->backend,      opt->result_expires,
-                                    opt->soft_time_limit, opt->native_queue, opt->default_queue};
+                                    opt->soft_time_limit, opt->native_queue, opt->default_queue, &slot->seq,
+                                    &slot->revoke_seq};
     struct executor *ex = executor_new(&eopt);
     struct buf in = {0}, out = {0}, doc = {0}, summary = {0};
     for (;;) {
@@ -325,7 +325,6 @@ static int spawn(struct pool *p, int i)
     c->pid = pid;
     c->fd = sv[0];
     c->slot->seq = 0;
-    c->generation = p->generation;
     c->outstanding = 0;
     c->wanted = true;
     c->leaving = c->input_closed = false;
@@ -403,14 +402,20 @@ int pool_shrink(struct pool *p, int n)
 
 void pool_restart(struct pool *p)
 {
-    p->generation++;
+    /* The replacements start now, at new indexes, so the pool keeps its size while the old processes finish
+     * what they were given; each old index is left empty when its process exits. */
+    int replaced = 0;
     for (int i = 0; i < p->cap; i++) {
         struct child *c = &p->children[i];
         if (c->fd >= 0 && c->wanted) {
+            c->wanted = false;
             c->leaving = true;
             release_if_drained(c);
+            replaced++;
         }
     }
+    if (pool_grow(p, replaced) < 0)
+        log_error("pool restart: cannot start a pool process: %s", strerror(errno));
 }
 
 int pool_size(const struct pool *p)
@@ -622,6 +627,12 @@ bool pool_running(const struct pool *p, int child, uint64_t *seq, double *starte
     *seq = s;
     __atomic_load(&slot->started, started, __ATOMIC_RELAXED);
     return true;
+}
+
+void pool_flag_revoked(struct pool *p, int child, uint64_t seq)
+{
+    if (p->children[child].slot)
+        __atomic_store_n(&p->children[child].slot->revoke_seq, seq, __ATOMIC_RELEASE);
 }
 
 void pool_kill_child(struct pool *p, int child)

@@ -95,6 +95,8 @@ bool pool_running(const struct pool *p, int child, uint64_t *seq, double *starte
 /* After on_child_exit: the task the child was running when it died (true, *seq), or false when it died
  * between tasks (say, replaced after --max-tasks-per-child): nothing it was given had started. */
 bool pool_died_running(const struct pool *p, int child, uint64_t *seq);
+/* Tells the task seq running in child that it was revoked (task_should_stop sees it); no effect once it ended. */
+void pool_flag_revoked(struct pool *p, int child, uint64_t seq);
 /* Kills one child at once (a hard time limit); on_child_exit follows from pool_process. */
 void pool_kill_child(struct pool *p, int child);
 /* CLOCK_MONOTONIC in seconds: the clock pool_running's start times use. */

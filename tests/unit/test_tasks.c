@@ -199,7 +199,7 @@ static void test_binder_table(void **state)
     (void)state;
     for (size_t i = 0; i < sizeof bind_cases / sizeof bind_cases[0]; i++) {
         const struct bind_case *c = &bind_cases[i];
-        struct task_def def = {c->name, recorder, c->params, "test"};
+        struct task_def def = {.name = c->name, .fn = recorder, .params = c->params, .doc = "test"};
         struct task_ctx ctx = {0};
         json_t *args = parse(c->args), *kwargs = parse(c->kwargs), *result = NULL;
         free(seen_args);
@@ -239,7 +239,7 @@ static void test_binder_malformed_params(void **state)
         "x,", ",x", "x y", "1x", "x, x", "x=1, y", "*args, x", "**kw, x", "*a, *b", "**a, **b", "x=", "***a", "x=(1",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        struct task_def def = {"x.bad", recorder, bad[i], "test"};
+        struct task_def def = {.name = "x.bad", .fn = recorder, .params = bad[i], .doc = "test"};
         struct task_ctx ctx = {0};
         json_t *args = json_array(), *result = NULL;
         assert_int_equal(task_invoke(&def, &ctx, args, NULL, &result), TASK_FAILURE);
@@ -264,7 +264,7 @@ static enum task_outcome fails_silently(struct task_ctx *ctx, json_t *args, json
 static void test_binder_task_failing_without_exception(void **state)
 {
     (void)state;
-    struct task_def def = {"x.quiet", fails_silently, "", "test"};
+    struct task_def def = {.name = "x.quiet", .fn = fails_silently, .params = "", .doc = "test"};
     struct task_ctx ctx = {0};
     json_t *result = NULL;
     assert_int_equal(task_invoke(&def, &ctx, NULL, NULL, &result), TASK_FAILURE);
