@@ -27,11 +27,13 @@ enum { FRAME_TASK = 1, FRAME_RESULT = 2 };
  * RESULT payload: u64 seq | u8 flags (1 failed, 2 stored, 4 retried) | f64 runtime | u32 doc length | doc | summary (rest) */
 #define FRAME_HEADER 5
 #define LONG_TASK_S 0.0005 /* a child sends results at once after a task this long */
+#define BIG_BUFFER (16u << 20) /* a frame buffer this large is freed, not kept, once empty */
 
 struct child {
     pid_t pid;
     int fd;           /* main's end of the socketpair; -1 when dead */
-    struct buf out;   /* frames waiting to be written */
+    struct buf out;   /* frames waiting to be written, from out_sent on */
+    size_t out_sent;  /* bytes of out already written: consumed lazily, see send_out */
     struct buf in;    /* bytes read, not yet parsed */
     char name[32];    /* "ForkPoolWorker-N", N counting every child ever started, as Celery does */
     struct pool_slot *slot; /* its own shared page, mapped once per index and kept for the index's next child */
@@ -257,6 +259,8 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
                 goto done;
         }
         buf_consume(&in, off);
+        if (in.len == 0 && in.cap > BIG_BUFFER)
+            buf_free(&in);
         if (out.len) {
             store_flush(&store, &out);
             if (write_all(fd, out.data, out.len) < 0)
@@ -326,6 +330,7 @@ static int spawn(struct pool *p, int i)
     c->fd = sv[0];
     c->slot->seq = 0;
     c->outstanding = 0;
+    c->out_sent = 0;
     c->wanted = true;
     c->leaving = c->input_closed = false;
     snprintf(c->name, sizeof c->name, "ForkPoolWorker-%d", index);
@@ -483,6 +488,7 @@ static void child_gone(struct pool *p, int i)
     while (waitpid(c->pid, &status, 0) < 0 && errno == EINTR)
         ;
     buf_reset(&c->out);
+    c->out_sent = 0;
     buf_reset(&c->in);
     p->h.on_child_exit(p->arg, i, status);
 }
@@ -526,6 +532,27 @@ static void parse_results(struct pool *p, int i)
     release_if_drained(c);
 }
 
+/* Writes what the socket takes. A 48 MB message goes out a few hundred KiB per call: moving the rest to the
+ * front each time (buf_consume) made that quadratic (~0.5 s of memmove per such message), so the written
+ * part is skipped by offset and dropped when everything is out, or compacted once it is most of the buffer. */
+static void send_out(struct child *c)
+{
+    ssize_t w = send(c->fd, c->out.data + c->out_sent, c->out.len - c->out_sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (w <= 0)
+        return;
+    c->out_sent += (size_t)w;
+    if (c->out_sent == c->out.len) {
+        if (c->out.cap > BIG_BUFFER)
+            buf_free(&c->out); /* one huge message must not pin its size for the life of the child */
+        else
+            buf_reset(&c->out);
+        c->out_sent = 0;
+    } else if (c->out_sent > (1u << 20) && c->out_sent > c->out.len / 2) {
+        buf_consume(&c->out, c->out_sent);
+        c->out_sent = 0;
+    }
+}
+
 void pool_process(struct pool *p, const struct pollfd *fds, int n)
 {
     for (int k = 0; k < n; k++) {
@@ -535,11 +562,8 @@ void pool_process(struct pool *p, const struct pollfd *fds, int n)
             struct child *c = &p->children[i];
             if (c->fd != fds[k].fd)
                 continue;
-            if (fds[k].revents & POLLOUT) {
-                ssize_t w = send(c->fd, c->out.data, c->out.len, MSG_DONTWAIT | MSG_NOSIGNAL);
-                if (w > 0)
-                    buf_consume(&c->out, (size_t)w);
-            }
+            if (fds[k].revents & POLLOUT)
+                send_out(c);
             if (fds[k].revents & (POLLIN | POLLHUP | POLLERR)) {
                 buf_reserve(&c->in, 1 << 16);
                 ssize_t r = recv(c->fd, c->in.data + c->in.len, c->in.cap - c->in.len - 1, MSG_DONTWAIT);
@@ -559,11 +583,8 @@ void pool_flush(struct pool *p)
 {
     for (int i = 0; i < p->cap; i++) {
         struct child *c = &p->children[i];
-        if (c->fd < 0 || !c->out.len)
-            continue;
-        ssize_t w = send(c->fd, c->out.data, c->out.len, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (w > 0)
-            buf_consume(&c->out, (size_t)w);
+        if (c->fd >= 0 && c->out.len)
+            send_out(c);
     }
 }
 
