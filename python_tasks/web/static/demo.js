@@ -125,7 +125,7 @@ async function refreshWorkers() {
       li.textContent = w.name;
       const tag = document.createElement("span");
       tag.className = "tag " + w.engine;
-      tag.textContent = w.engine + (w.queues.length ? " · " + w.queues.join(", ") : "");
+      tag.textContent = w.engine + (w.queues.length ? " · queue " + w.queues.join(", ") : "");
       li.appendChild(tag);
       return li;
     }));
