@@ -64,6 +64,10 @@ try {
     if (s.count !== "–" || s.error || Date.now() > deadline) break;
     await page.waitForTimeout(20);
   }
+  // The bar is drawn full (its width has a 0.15 s transition).
+  await page.waitForFunction(() => document.getElementById("import-bar").getBoundingClientRect().width >=
+    document.getElementById("import-progress").getBoundingClientRect().width - 0.5, null, { timeout: 5000 })
+    .catch(() => {});
   seen.import = await page.evaluate(() => ({
     pct: document.getElementById("import-pct").textContent,
     width: document.getElementById("import-bar").style.width,
@@ -88,7 +92,6 @@ try {
     error: document.getElementById("chord-error").textContent,
   }));
 
-  await page.waitForTimeout(200); // the bar's 0.15 s width transition
   seen.screenshot = path.join(artifacts, "demo.png");
   await page.screenshot({ path: seen.screenshot, fullPage: true });
   console.log(JSON.stringify(seen));
