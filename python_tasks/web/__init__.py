@@ -162,7 +162,7 @@ def create_app():
     @app.get("/api/workers")
     def workers():
         ctl = _celery().control
-        replies = ctl.ping(timeout=float(request.args.get("timeout", 0.5)))
+        replies = ctl.ping(timeout=0.5)
         names = sorted(name for reply in replies for name in reply)
         queues = {}
         if names:
