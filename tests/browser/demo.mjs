@@ -44,7 +44,8 @@ try {
   await page.waitForFunction(() => /×$/.test(document.getElementById("fib-ratio").textContent) ||
                                    document.getElementById("fib-error").textContent !== "");
   seen.fib = await page.evaluate(() => Object.fromEntries(
-    ["fib-native-ms", "fib-python-ms", "fib-native-result", "fib-python-result", "fib-ratio", "fib-error"]
+    ["fib-native-ms", "fib-python-ms", "fib-native-result", "fib-python-result", "fib-ratio", "fib-ratio-word",
+     "fib-error"]
       .map((id) => [id, document.getElementById(id).textContent])));
 
   // 2. start an import: sample the bar while it moves, until the row count shows

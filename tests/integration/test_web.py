@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from servers import REPO
+from servers import REPO, celeriac_binary
 from util import TIMEOUT, wait_until
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -31,6 +31,13 @@ pytestmark = pytest.mark.celeriac_only("the demo stack runs celeriac and the sto
 BROWSER_DIR = os.path.join(REPO, "tests", "browser")
 ARTIFACTS = os.path.join(REPO, "tests", "artifacts")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def sanitizer_build():
+    """True for the ASan+UBSan Debug build `make test` uses: its naive fib is no faster than Python's, so
+    the tests compare the times only for an optimised binary."""
+    syms = subprocess.run(["readelf", "--dyn-syms", "-W", celeriac_binary()], capture_output=True, text=True)
+    return "__asan_init" in syms.stdout
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +105,9 @@ def test_fib_runs_natively_and_in_python_on_their_own_queues(stack):
     wait_until(lambda: f"native.fib[{nat['task_id']}] succeeded" in stack.celeriac.log(), what="celeriac's log")
     wait_until(lambda: f"native.fib[{py['task_id']}] succeeded" in stack.python.log(), what="the worker's log")
     assert py["task_id"] not in stack.celeriac.log() and nat["task_id"] not in stack.python.log()
-    # The point of the demo, with a wide margin: Python's naive fib(28) alone takes tens of milliseconds.
-    assert 0 < nat["ms"] < py["ms"], (nat, py)
+    assert nat["ms"] > 0 and py["ms"] > 0
+    if not sanitizer_build():  # the point of the demo: Python's naive fib(28) alone takes tens of ms
+        assert nat["ms"] < py["ms"], (nat, py)
 
 
 def test_fib_refuses_what_it_cannot_do(stack):
@@ -111,22 +119,45 @@ def test_fib_refuses_what_it_cannot_do(stack):
 
 def test_import_reports_progress_then_every_row_is_there(stack, pg):
     rows = 200_000
-    status, job = call(stack, "POST", "/api/import", {"rows": rows})
-    assert status == 202, job
-    assert job["engine"] == "native" and job["rows"] == rows
-    seen = follow(stack, job["task_id"])
-    states = [t["state"] for t in seen]
-    assert seen[-1]["state"] == "SUCCESS" and seen[-1]["result"] == rows, seen[-1]
-    progress = [t for t in seen if t["state"] == "PROGRESS"]
-    assert progress, f"no PROGRESS state seen while polling every 20 ms: {states}"
-    assert all(t["total"] == rows and 0 <= t["done"] <= rows for t in progress), progress
-    percents = [t["percent"] for t in progress]
-    assert percents == sorted(percents), percents
+    # Every state the worker stores is also published on the result's channel: listen to all of them, so the
+    # check does not depend on polling fast enough to catch each one.
+    pubsub = stack.redis.client(1).pubsub()
+    pubsub.psubscribe("celery-task-meta-*")
+    try:
+        status, job = call(stack, "POST", "/api/import", {"rows": rows})
+        assert status == 202, job
+        assert job["engine"] == "native" and job["rows"] == rows
+        seen = follow(stack, job["task_id"])
+        assert seen[-1]["state"] == "SUCCESS" and seen[-1]["result"] == rows, seen[-1]
+        published = []
+        while (m := pubsub.get_message(timeout=0.5)) is not None:
+            if m["type"] == "pmessage":
+                doc = json.loads(m["data"])
+                if doc["task_id"] == job["task_id"]:
+                    published.append((doc["status"], doc["result"]))
+    finally:
+        pubsub.close()
+    progress = [r for s, r in published if s == "PROGRESS"]
+    assert published[-1] == ("SUCCESS", rows) and len(progress) >= 3, published
+    assert [p["done"] for p in progress] == sorted(p["done"] for p in progress), progress
+    assert {p["total"] for p in progress} == {rows} and progress[-1]["done"] == rows, progress
+    # What the page polls: PROGRESS carries done/total/percent; its percents never go back.
+    polled = [t for t in seen if t["state"] == "PROGRESS"]
+    assert all(t["total"] == rows and t["percent"] == round(100.0 * t["done"] / rows, 1) for t in polled), polled
+    assert [t["percent"] for t in polled] == sorted(t["percent"] for t in polled), polled
     status, count = call(stack, "GET", f"/api/rows?batch={job['batch']}")
     assert status == 200 and count["batch_rows"] == rows, count
     with pg.cursor() as cur:
         cur.execute("SELECT count(*), min(n), max(n), sum(value) FROM demo_rows WHERE batch = %s", (job["batch"],))
         assert cur.fetchone() == (rows, 0, rows - 1, sum(i * 0.5 for i in range(rows)))
+
+
+def test_task_state_progress_as_the_page_reads_it(stack):
+    """/api/tasks/<id> for a task in PROGRESS, whatever the timing: the state stored as update_state does."""
+    client = stack_client(stack)
+    client.backend.store_result("progress-probe", {"done": 250, "total": 1000}, "PROGRESS")
+    assert call(stack, "GET", "/api/tasks/progress-probe") == (200, {
+        "task_id": "progress-probe", "state": "PROGRESS", "done": 250, "total": 1000, "percent": 25.0})
 
 
 def test_import_on_the_python_worker(stack):
@@ -250,8 +281,11 @@ def test_page_in_a_browser(stack):
     fib = seen["fib"]
     assert fib["fib-error"] == "" and fib["fib-native-result"] == fib["fib-python-result"] == "832040", fib
     native_ms, python_ms = (float(fib[k].split()[0]) for k in ("fib-native-ms", "fib-python-ms"))
-    assert 0 < native_ms < python_ms, fib
-    assert re.fullmatch(r"\d+(\.\d)?×", fib["fib-ratio"]), fib
+    assert native_ms > 0 and python_ms > 0, fib
+    assert re.fullmatch(r"\d+\.\d×", fib["fib-ratio"]), fib
+    assert fib["fib-ratio-word"] == ("faster" if native_ms <= python_ms else "slower"), fib
+    if not sanitizer_build():
+        assert native_ms < python_ms, fib
     imp = seen["import"]
     assert imp["error"] == "" and imp["state"] == "SUCCESS", imp
     assert imp["pct"] == "100%" and imp["width"] == "100%" and imp["bar"][-1] == "100", imp
