@@ -248,8 +248,8 @@ def npm_ci():
     else:
         major = int(re.match(r"v(\d+)", subprocess.run([node, "--version"], capture_output=True,
                                                         text=True).stdout).group(1))
-        if major < 20:
-            problems.append(f"node >= 20 for playwright-core (found {major}): NodeSource's nodejs 20 or later")
+        if major < 18:
+            problems.append(f"node >= 18 for playwright-core (found {major})")
     if problems:
         pytest.fail("the browser test needs: " + "; ".join(problems), pytrace=False)
     lock = os.path.join(BROWSER_DIR, "package-lock.json")
