@@ -12,9 +12,11 @@ build:
 	@cmake --build build -j $(JOBS)
 
 # Main job: build, start a private redis-server when no broker is configured, run celeriac and a demo client.
+# `make demo WEB=1`: the whole stack instead (redis, PostgreSQL, celeriac, a Python worker, the Flask demo
+# page) on this machine, until Ctrl-C: the local equivalent of docker/docker-compose.yml.
 demo: build
-	@scripts/deps.sh demo
-	@$(PYTHON) scripts/demo.py
+	@scripts/deps.sh $(if $(WEB),web,demo)
+	@$(PYTHON) scripts/$(if $(WEB),stack,demo).py
 
 # Every test: unit tests and integration tests, all against the ASan+UBSan build.
 test:

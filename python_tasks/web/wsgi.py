@@ -1,0 +1,4 @@
+"""WSGI entry point: ``gunicorn python_tasks.web.wsgi:app``."""
+from python_tasks.web import create_app
+
+app = create_app()
