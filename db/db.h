@@ -111,6 +111,41 @@ bool db_kind_binary(enum db_kind k);
 /* PostgreSQL's name for the kind, for messages ("double precision"). */
 const char *db_kind_name(enum db_kind k);
 
+/* One value of a row, from jansson (db_value_of_json) or read from the raw text (rows.c). */
+enum db_vtype { DBV_NULL, DBV_BOOL, DBV_INT, DBV_REAL, DBV_STR, DBV_LIST, DBV_DICT };
+struct db_value {
+    enum db_vtype type;
+    bool b;
+    long long i;
+    double d;
+    const char *s;      /* STR: the bytes (may hold NULs), LIST/DICT from text: the JSON text; borrowed */
+    size_t len;
+    const json_t *json; /* the value itself when it came from jansson (borrowed), else NULL */
+};
+/* Python's type name ("NoneType", "bool", "int", "float", "str", "list", "dict"). */
+const char *db_vtype_pyname(enum db_vtype t);
+/* v describing j (borrowed; NULL is null). */
+void db_value_of_json(const json_t *j, struct db_value *v);
+/* The value as a new jansson reference (NULL only when out of memory). */
+json_t *db_value_json(const struct db_value *v);
+
+/* rows.c: a JSON list of rows read from its text. */
+struct db_raw_rows {
+    const char *p, *end;   /* the next row, borrowed text */
+    size_t count;          /* how many rows the list holds */
+    struct db_buf scratch; /* owned: the unescaped strings of the current row */
+};
+enum { DB_RAW_NOT_A_LIST = -1, DB_RAW_MALFORMED = -2, DB_RAW_OVERFLOW = -3 };
+/* Opens text[0..len) (borrowed), which must be a JSON list: checks all of it and counts the rows. Returns 0, or
+ * DB_RAW_NOT_A_LIST, DB_RAW_MALFORMED (not valid JSON), DB_RAW_OVERFLOW (a number that jansson would refuse as
+ * out of range). Close with db_raw_rows_close in every case. */
+int db_raw_rows_open(struct db_raw_rows *r, const char *text, size_t len);
+/* The next row: for a list, its values into vals[0..max) and their number into *n (which may exceed max: the
+ * extra ones are skipped), *is_list true; for anything else, the value itself into vals[0], *n = 1, *is_list
+ * false. Strings are valid until the next call. Returns 1, 0 at the end, or DB_RAW_MALFORMED/OVERFLOW. */
+int db_raw_rows_next(struct db_raw_rows *r, struct db_value *vals, size_t max, size_t *n, bool *is_list);
+void db_raw_rows_close(struct db_raw_rows *r);
+
 /* One COPY's encoder: rows of JSON values -> COPY data in out. JSON null is SQL NULL for every kind. */
 struct db_copy {
     size_t ncols;
@@ -125,6 +160,9 @@ void db_copy_begin(struct db_copy *c);
 /* Encodes rows[index] (row borrowed). Returns 0, or -1 with err set to "rows[3][1] (column \"name\",
  * text): expected str, got int" (or a width message); out is then unspecified (abort the COPY). */
 int db_copy_row(struct db_copy *c, const json_t *row, size_t index, const char *what, char *err, size_t errlen);
+/* The same for a row given as values (n of them; is_list false: a bare value, vals[0]). */
+int db_copy_values(struct db_copy *c, const struct db_value *vals, size_t n, bool is_list, size_t index,
+                   const char *what, char *err, size_t errlen);
 /* Appends the binary trailer (nothing for text). */
 void db_copy_end(struct db_copy *c);
 

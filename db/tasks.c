@@ -84,13 +84,88 @@ fail:
     return -1;
 }
 
-static int arg_rows(struct task_ctx *ctx, const char *fn, const char *what, const json_t *v)
+/* The rows of a bulk task: a parsed list, or the list's JSON text read as the COPY goes (task_arg_raw: what
+ * the worker hands over for a task's raw_param, sparing a million-row list its million jansson arrays). */
+struct rows {
+    const json_t *list; /* parsed, borrowed; NULL when raw */
+    struct db_raw_rows raw;
+    bool is_raw;
+    size_t total;
+};
+
+/* Python's type name for the JSON value the text starts with (it is checked later, or was). */
+static const char *text_pytype(const char *p, const char *end)
 {
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    switch (p < end ? *p : 'n') {
+    case '"': return "str";
+    case '{': return "dict";
+    case '[': return "list";
+    case 't':
+    case 'f': return "bool";
+    case 'n': return "NoneType";
+    default: return memchr(p, '.', (size_t)(end - p) < 32 ? (size_t)(end - p) : 32) ? "float" : "int";
+    }
+}
+
+/* A malformed or out-of-range list text fails as the worker fails such a body (DecodeError, OverflowError). */
+static void fail_raw(struct task_ctx *ctx, const char *fn, const char *what, int rc)
+{
+    if (rc == DB_RAW_OVERFLOW)
+        task_fail(ctx, "OverflowError", "%s() %s: a number out of the 64-bit integer or float range", fn, what);
+    else
+        task_fail(ctx, "DecodeError", "%s() %s: not valid JSON", fn, what);
+}
+
+static int arg_rows(struct task_ctx *ctx, const char *fn, const char *what, const json_t *v, struct rows *out)
+{
+    const char *text;
+    size_t len;
+    memset(out, 0, sizeof *out);
+    if (task_arg_raw(ctx, &text, &len)) {
+        int rc = db_raw_rows_open(&out->raw, text, len);
+        out->is_raw = true;
+        if (rc == DB_RAW_NOT_A_LIST) {
+            task_fail(ctx, "TypeError", "%s() %s must be a list, not %s", fn, what, text_pytype(text, text + len));
+            return -1;
+        }
+        if (rc < 0) {
+            fail_raw(ctx, fn, what, rc);
+            return -1;
+        }
+        out->total = out->raw.count;
+        return 0;
+    }
     if (!json_is_array(v)) {
         task_fail(ctx, "TypeError", "%s() %s must be a list, not %s", fn, what, task_pytype(v));
         return -1;
     }
+    out->list = v;
+    out->total = json_array_size(v);
     return 0;
+}
+
+/* Encodes the next row (index i) into enc. Returns 0, or -1 after task_fail (why: the encoder's message). */
+static int next_row(struct task_ctx *ctx, const char *fn, struct rows *r, size_t i, struct db_copy *enc,
+                    struct db_value *vals, const char *what, char *why, size_t whylen)
+{
+    int rc;
+    if (!r->is_raw) {
+        rc = db_copy_row(enc, json_array_get(r->list, i), i, what, why, whylen);
+    } else {
+        size_t n;
+        bool is_list;
+        rc = db_raw_rows_next(&r->raw, vals, enc->ncols, &n, &is_list);
+        if (rc < 0) {
+            fail_raw(ctx, fn, what, rc);
+            return -1;
+        }
+        rc = db_copy_values(enc, vals, n, is_list, i, what, why, whylen);
+    }
+    if (rc < 0)
+        task_fail(ctx, "ValueError", "%s; nothing was written", why);
+    return rc;
 }
 
 static void append_column_list(struct db_buf *b, const char *prefix, const char *const *names, size_t n)
@@ -228,10 +303,13 @@ static int copy_send(struct task_ctx *ctx, PGconn *c, struct db_buf *b)
  * kinds. Binary format when every kind has a binary encoder, else text. *copied gets the server's row count.
  * what names the argument in messages ("rows", "keys"). Returns 0, or -1 after task_fail (the transaction
  * must then be rolled back). */
-static int copy_rows(struct task_ctx *ctx, PGconn *c, const char *target_sql, const char *const *names, size_t n,
-                     const enum db_kind *kinds, const json_t *rows, const char *what, bool bare_scalars,
-                     struct progress *prog, long long *copied)
+static int copy_rows(struct task_ctx *ctx, const char *fn, PGconn *c, const char *target_sql,
+                     const char *const *names, size_t n, const enum db_kind *kinds, struct rows *rows,
+                     const char *what, bool bare_scalars, struct progress *prog, long long *copied)
 {
+    struct db_value *vals = calloc(n, sizeof *vals);
+    if (!vals)
+        abort();
     struct db_copy enc = {.ncols = n, .kinds = kinds, .names = names, .binary = true, .bare_scalars = bare_scalars};
     struct db_buf sql = {0};
     PGresult *res = NULL;
@@ -251,11 +329,10 @@ static int copy_rows(struct task_ctx *ctx, PGconn *c, const char *target_sql, co
     res = NULL;
 
     db_copy_begin(&enc);
-    size_t total = json_array_size(rows);
+    size_t total = rows->total;
     for (size_t i = 0; i < total; i++) {
-        if (db_copy_row(&enc, json_array_get(rows, i), i, what, why, sizeof why) < 0) {
+        if (next_row(ctx, fn, rows, i, &enc, vals, what, why, sizeof why) < 0) {
             copy_abort(c, "celeriac: invalid row");
-            task_fail(ctx, "ValueError", "%s; nothing was written", why);
             goto out;
         }
         if (enc.out.len >= COPY_FLUSH_BYTES && copy_send(ctx, c, &enc.out) < 0)
@@ -288,6 +365,7 @@ out:
     PQclear(res);
     db_buf_free(&sql);
     db_buf_free(&enc.out);
+    free(vals);
     return rc;
 }
 
@@ -327,6 +405,7 @@ struct bulk {
     struct db_buf sql;   /* the statement run after the copy, if any */
     PGresult *res;       /* its result */
     long long copied;
+    struct rows rows;    /* args[2] */
 };
 
 /* Checks args[0] (the table), args[1] (the columns, named cols_what) and args[2] (the rows, named rows_what).
@@ -337,7 +416,7 @@ static int bulk_args(struct bulk *b, struct task_ctx *ctx, const char *fn, json_
     *b = (struct bulk){.ctx = ctx, .fn = fn};
     if (arg_table(ctx, fn, json_array_get(args, 0), &b->t) < 0 ||
         arg_columns(ctx, fn, cols_what, json_array_get(args, 1), 1, &b->cols, &b->ncols) < 0 ||
-        arg_rows(ctx, fn, rows_what, json_array_get(args, 2)) < 0)
+        arg_rows(ctx, fn, rows_what, json_array_get(args, 2), &b->rows) < 0)
         return -1;
     db_quote_table(&b->table, &b->t);
     return 0;
@@ -345,15 +424,14 @@ static int bulk_args(struct bulk *b, struct task_ctx *ctx, const char *fn, json_
 
 /* Opens the transaction and copies rows into the table, or into temporary table `temp` (NULL: the table).
  * Returns 0, or -1 after task_fail. */
-static int bulk_copy(struct bulk *b, const char *temp, const json_t *rows, const char *rows_what,
-                     bool bare_scalars)
+static int bulk_copy(struct bulk *b, const char *temp, const char *rows_what, bool bare_scalars)
 {
     b->kinds = calloc(b->ncols, sizeof *b->kinds);
     if (!b->kinds)
         abort();
     if (!(b->c = task_db_begin(b->ctx, false)))
         return -1;
-    progress_start(&b->prog, b->ctx, json_array_size(rows));
+    progress_start(&b->prog, b->ctx, b->rows.total);
     struct db_buf target = {0};
     if (temp) {
         db_buf_puts(&target, "pg_temp.");
@@ -361,8 +439,8 @@ static int bulk_copy(struct bulk *b, const char *temp, const json_t *rows, const
     }
     int rc = column_kinds(b->ctx, b->c, &b->t, b->cols, b->ncols, b->kinds) < 0 ||
                      (temp && create_temp(b->ctx, b->c, temp, b->table.data, b->cols, b->ncols) < 0) ||
-                     copy_rows(b->ctx, b->c, temp ? target.data : b->table.data, b->cols, b->ncols, b->kinds, rows,
-                               rows_what, bare_scalars, &b->prog, &b->copied) < 0
+                     copy_rows(b->ctx, b->fn, b->c, temp ? target.data : b->table.data, b->cols, b->ncols,
+                               b->kinds, &b->rows, rows_what, bare_scalars, &b->prog, &b->copied) < 0
                  ? -1
                  : 0;
     db_buf_free(&target);
@@ -392,6 +470,8 @@ static enum task_outcome bulk_finish(struct bulk *b, json_t *value, json_t **res
     if (b->c)
         task_db_rollback(b->c);
     PQclear(b->res);
+    if (b->rows.is_raw)
+        db_raw_rows_close(&b->rows.raw);
     free(b->cols);
     free(b->kinds);
     db_buf_free(&b->table);
@@ -404,7 +484,7 @@ enum task_outcome db_task_bulk_insert(struct task_ctx *ctx, json_t *args, json_t
     struct bulk b;
     (void)kwargs;
     if (bulk_args(&b, ctx, "pg_bulk_insert", args, "columns", "rows") < 0 ||
-        bulk_copy(&b, NULL, json_array_get(args, 2), "rows", false) < 0)
+        bulk_copy(&b, NULL, "rows", false) < 0)
         return bulk_finish(&b, NULL, result);
     return bulk_finish(&b, json_integer(b.copied), result);
 }
@@ -430,7 +510,7 @@ enum task_outcome db_task_bulk_upsert(struct task_ctx *ctx, json_t *args, json_t
             goto out;
         }
     }
-    if (bulk_copy(&b, "celeriac_upsert", json_array_get(args, 2), "rows", false) < 0)
+    if (bulk_copy(&b, "celeriac_upsert", "rows", false) < 0)
         goto out;
 
     /* One statement merges the lot. xmax = 0 tells a freshly inserted row from an updated one (an updated
@@ -477,7 +557,7 @@ enum task_outcome db_task_bulk_delete(struct task_ctx *ctx, json_t *args, json_t
     struct bulk b;
     (void)kwargs;
     if (bulk_args(&b, ctx, "pg_bulk_delete", args, "key_columns", "keys") < 0 ||
-        bulk_copy(&b, "celeriac_keys", json_array_get(args, 2), "keys", true) < 0)
+        bulk_copy(&b, "celeriac_keys", "keys", true) < 0)
         return bulk_finish(&b, NULL, result);
     /* A key holding a NULL matches nothing, as in SQL; a key given twice deletes its rows once. */
     db_buf_puts(&b.sql, "DELETE FROM ");

@@ -221,11 +221,11 @@ void db_copy_end(struct db_copy *c)
 }
 
 /* Encodes one value of kind k. Returns NULL, or what was expected (for the error message). */
-static const char *put_value(struct db_copy *c, enum db_kind k, const json_t *v)
+static const char *put_value(struct db_copy *c, enum db_kind k, const struct db_value *v)
 {
     char num[32];
     struct db_buf *b = &c->out;
-    if (json_is_null(v)) {
+    if (v->type == DBV_NULL) {
         if (c->binary)
             put_be(b, 0xffffffffu, 4);
         else
@@ -234,21 +234,21 @@ static const char *put_value(struct db_copy *c, enum db_kind k, const json_t *v)
     }
     switch (k) {
     case DB_KIND_BOOL:
-        if (!json_is_boolean(v))
+        if (v->type != DBV_BOOL)
             return "bool";
         if (c->binary) {
             put_be(b, 1, 4);
-            put_be(b, json_is_true(v), 1);
+            put_be(b, v->b, 1);
         } else {
-            db_buf_append(b, json_is_true(v) ? "t" : "f", 1);
+            db_buf_append(b, v->b ? "t" : "f", 1);
         }
         return NULL;
     case DB_KIND_INT2:
     case DB_KIND_INT4:
     case DB_KIND_INT8: {
-        if (!json_is_integer(v))
+        if (v->type != DBV_INT)
             return "int";
-        json_int_t n = json_integer_value(v);
+        long long n = v->i;
         int bytes = k == DB_KIND_INT2 ? 2 : k == DB_KIND_INT4 ? 4 : 8;
         if ((bytes == 2 && (n < INT16_MIN || n > INT16_MAX)) || (bytes == 4 && (n < INT32_MIN || n > INT32_MAX)))
             return bytes == 2 ? "int in -32768..32767" : "int in -2147483648..2147483647";
@@ -256,15 +256,15 @@ static const char *put_value(struct db_copy *c, enum db_kind k, const json_t *v)
             put_be(b, (uint64_t)bytes, 4);
             put_be(b, (uint64_t)n, bytes);
         } else {
-            db_buf_append(b, num, (size_t)snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, n));
+            db_buf_append(b, num, (size_t)snprintf(num, sizeof num, "%lld", n));
         }
         return NULL;
     }
     case DB_KIND_FLOAT4:
     case DB_KIND_FLOAT8: {
-        if (!json_is_number(v))
+        if (v->type != DBV_INT && v->type != DBV_REAL)
             return "int or float";
-        double d = json_number_value(v);
+        double d = v->type == DBV_INT ? (double)v->i : v->d;
         if (k == DB_KIND_FLOAT4 && fabs(d) > FLT_MAX)
             return "int or float within real's range";
         if (c->binary && k == DB_KIND_FLOAT4) {
@@ -278,8 +278,8 @@ static const char *put_value(struct db_copy *c, enum db_kind k, const json_t *v)
             memcpy(&bits, &d, 8);
             put_be(b, 8, 4);
             put_be(b, bits, 8);
-        } else if (json_is_integer(v)) {
-            db_buf_append(b, num, (size_t)snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v)));
+        } else if (v->type == DBV_INT) {
+            db_buf_append(b, num, (size_t)snprintf(num, sizeof num, "%lld", v->i));
         } else {
             /* 17 digits always read back exactly, and are cheaper than finding the shortest form */
             db_buf_append(b, num, (size_t)snprintf(num, sizeof num, "%.17g", d));
@@ -287,67 +287,94 @@ static const char *put_value(struct db_copy *c, enum db_kind k, const json_t *v)
         return NULL;
     }
     case DB_KIND_NUMERIC: /* text format only */
-        if (json_is_integer(v))
-            db_buf_append(b, num, (size_t)snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v)));
-        else if (json_is_real(v)) /* shortest: 19.99 is stored as 19.99 */
-            db_buf_append(b, num, (size_t)db_format_double(num, json_real_value(v)));
-        else if (json_is_string(v))
-            put_text_escaped(b, json_string_value(v), json_string_length(v));
+        if (v->type == DBV_INT)
+            db_buf_append(b, num, (size_t)snprintf(num, sizeof num, "%lld", v->i));
+        else if (v->type == DBV_REAL) /* shortest: 19.99 is stored as 19.99 */
+            db_buf_append(b, num, (size_t)db_format_double(num, v->d));
+        else if (v->type == DBV_STR)
+            put_text_escaped(b, v->s, v->len);
         else
             return "int, float or str";
         return NULL;
     case DB_KIND_TEXT:
     case DB_KIND_OTHER:
-        if (!json_is_string(v))
+        if (v->type != DBV_STR)
             return "str";
-        if (memchr(json_string_value(v), '\0', json_string_length(v)))
+        if (memchr(v->s, '\0', v->len))
             return "str without NUL characters (PostgreSQL text cannot hold them)";
-        put_field(c, json_string_value(v), json_string_length(v));
+        put_field(c, v->s, v->len);
         return NULL;
     case DB_KIND_JSON:
     case DB_KIND_JSONB: {
         /* Serialized on the side, since binary needs the length first and text the escaping. The text
-         * holds no NUL: put_json escapes control characters. */
-        struct db_buf j = {0};
+         * holds no NUL: put_json escapes control characters. Through jansson, so that a value read from the
+         * raw text is stored exactly as the same value parsed by jansson would be. */
+        json_t *j = db_value_json(v);
+        if (!j)
+            return "valid JSON";
+        struct db_buf t = {0};
         if (c->binary && k == DB_KIND_JSONB)
-            db_buf_append(&j, "\1", 1); /* jsonb's binary format version */
-        put_json(&j, v);
-        put_field(c, j.data, j.len);
-        db_buf_free(&j);
+            db_buf_append(&t, "\1", 1); /* jsonb's binary format version */
+        put_json(&t, j);
+        put_field(c, t.data, t.len);
+        db_buf_free(&t);
+        json_decref(j);
         return NULL;
     }
     }
     return "a known type";
 }
 
-int db_copy_row(struct db_copy *c, const json_t *row, size_t index, const char *what, char *err, size_t errlen)
+int db_copy_values(struct db_copy *c, const struct db_value *vals, size_t n, bool is_list, size_t index,
+                   const char *what, char *err, size_t errlen)
 {
-    size_t width = json_is_array(row) ? json_array_size(row) : 0;
-    if (!json_is_array(row) && !(c->bare_scalars && c->ncols == 1)) {
+    if (!is_list && !(c->bare_scalars && c->ncols == 1)) {
         snprintf(err, errlen, "%s[%zu]: expected a list of %zu values, got %s", what, index, c->ncols,
-                 task_pytype(row));
+                 db_vtype_pyname(vals[0].type));
         return -1;
     }
-    if (json_is_array(row) && width != c->ncols) {
-        snprintf(err, errlen, "%s[%zu]: expected %zu values (one per column), got %zu", what, index, c->ncols, width);
+    if (is_list && n != c->ncols) {
+        snprintf(err, errlen, "%s[%zu]: expected %zu values (one per column), got %zu", what, index, c->ncols, n);
         return -1;
     }
     if (c->binary)
         put_be(&c->out, c->ncols, 2);
     for (size_t i = 0; i < c->ncols; i++) {
-        const json_t *v = json_is_array(row) ? json_array_get(row, i) : row;
+        const struct db_value *v = is_list ? &vals[i] : &vals[0];
         if (!c->binary && i)
             db_buf_append(&c->out, "\t", 1);
         const char *expected = put_value(c, c->kinds[i], v);
         if (expected) {
             snprintf(err, errlen, "%s[%zu][%zu] (column \"%s\", %s): expected %s, got %s", what, index, i, c->names[i],
-                     db_kind_name(c->kinds[i]), expected, task_pytype(v));
+                     db_kind_name(c->kinds[i]), expected, db_vtype_pyname(v->type));
             return -1;
         }
     }
     if (!c->binary)
         db_buf_append(&c->out, "\n", 1);
     return 0;
+}
+
+int db_copy_row(struct db_copy *c, const json_t *row, size_t index, const char *what, char *err, size_t errlen)
+{
+    struct db_value few[16], *vals = few;
+    size_t n = 1;
+    bool is_list = json_is_array(row);
+    if (is_list) {
+        n = json_array_size(row);
+        if (n != c->ncols) /* a width error needs no values */
+            return db_copy_values(c, NULL, n, true, index, what, err, errlen);
+        if (n > sizeof few / sizeof few[0] && !(vals = malloc(n * sizeof *vals)))
+            abort();
+        for (size_t i = 0; i < n; i++)
+            db_value_of_json(json_array_get(row, i), &vals[i]);
+    } else {
+        db_value_of_json(row, &few[0]);
+    }
+    int rc = db_copy_values(c, vals, n, is_list, index, what, err, errlen);
+    if (vals != few)
+        free(vals);
+    return rc;
 }
 
 /* ---- results ---- */

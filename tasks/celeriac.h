@@ -104,6 +104,9 @@ struct task_ctx {
 
     /* The task being run (for the parameter names task_arg* look up). */
     const struct task_def *def;
+    /* The raw_param's text, when handed over as text (task_arg_raw); NULL otherwise. */
+    const char *raw_text;
+    size_t raw_len;
 };
 
 /* A task function. `args` holds one value per declared parameter, in declaration order, whether the caller
@@ -126,6 +129,9 @@ struct task_def {
     const char *rate_limit; /* "10/s", "100/m", "1000/h"; NULL: none */
     double time_limit;      /* hard limit, seconds (the process is killed: TimeLimitExceeded); 0: none */
     double soft_time_limit; /* soft limit, seconds (see task_should_stop); 0: none */
+    /* One parameter (a big list, typically) to receive as JSON text instead of parsed values: see
+     * task_arg_raw. NULL: none. */
+    const char *raw_param;
 };
 
 /* ---------------------------------------------------------------- arguments */
@@ -143,6 +149,12 @@ bool task_arg_bool(struct task_ctx *ctx, json_t *args, const char *name, bool *o
 bool task_arg_str(struct task_ctx *ctx, json_t *args, const char *name, const char **out);
 bool task_arg_list(struct task_ctx *ctx, json_t *args, const char *name, json_t **out);
 bool task_arg_dict(struct task_ctx *ctx, json_t *args, const char *name, json_t **out);
+/* The JSON text of the task's raw_param (task_def), unparsed: true with *text (borrowed, valid during the call,
+ * not NUL-terminated at *len) when the worker could hand it over so; the parameter's value in args is then
+ * None. false when it could not (a v1 message, say): the value is then in args as usual, parsed. Reading a
+ * million-row list from its text as you go costs one pass; parsed, it costs millions of allocations first.
+ * The text is not checked for you: it is what the client sent, read it with a strict JSON reader. */
+bool task_arg_raw(const struct task_ctx *ctx, const char **text, size_t *len);
 /* Python's type name for a JSON value ("NoneType", "bool", "int", "float", "str", "list", "dict"), for your
  * own TypeError messages. NULL is "NoneType". */
 const char *task_pytype(const json_t *value);

@@ -9,6 +9,8 @@
 #include <string.h>
 
 #define TASK(n, f, p, d) {.name = (n), .fn = (f), .params = (p), .doc = (d)}
+/* The same, with one big list argument handed over as text (task_def.raw_param). */
+#define TASK_RAW(n, f, p, raw, d) {.name = (n), .fn = (f), .params = (p), .doc = (d), .raw_param = (raw)}
 
 static const struct task_def registry[] = {
     TASK("native.add", task_builtin_add, "x, y",
@@ -25,13 +27,13 @@ static const struct task_def registry[] = {
     TASK("native.pg_aggregate", db_task_aggregate, "table, group_by, column",
          "-> [[group, count, sum, min, max], ...] of column per value of group_by (a column, a list of columns, or "
          "None for the whole table), ordered by group, computed by PostgreSQL."),
-    TASK("native.pg_bulk_delete", db_task_bulk_delete, "table, key_columns, keys",
+    TASK_RAW("native.pg_bulk_delete", db_task_bulk_delete, "table, key_columns, keys", "keys",
          "Deletes the rows whose key_columns equal one of keys (lists; bare values for one key column), in one "
          "transaction -> the number deleted."),
-    TASK("native.pg_bulk_insert", db_task_bulk_insert, "table, columns, rows",
+    TASK_RAW("native.pg_bulk_insert", db_task_bulk_insert, "table, columns, rows", "rows",
          "COPY rows (lists, one value per column) into table, in one transaction -> the number inserted. The "
          "table must be on the worker's allow-list (--pg-tables), else PermissionError."),
-    TASK("native.pg_bulk_upsert", db_task_bulk_upsert, "table, columns, rows, key_columns",
+    TASK_RAW("native.pg_bulk_upsert", db_task_bulk_upsert, "table, columns, rows, key_columns", "rows",
          "INSERT ... ON CONFLICT (key_columns) DO UPDATE of rows, in one transaction -> {\"inserted\": n, "
          "\"updated\": m}."),
     TASK("native.retry_n", task_builtin_retry_n, "n, max_retries=3",

@@ -587,3 +587,12 @@ enum task_outcome task_stop(struct task_ctx *ctx)
         return task_fail(ctx, "SoftTimeLimitExceeded", "soft time limit exceeded");
     return task_fail(ctx, "TaskRevokedError", "revoked");
 }
+
+bool task_arg_raw(const struct task_ctx *ctx, const char **text, size_t *len)
+{
+    if (!ctx->raw_text)
+        return false;
+    *text = ctx->raw_text;
+    *len = ctx->raw_len;
+    return true;
+}

@@ -25,6 +25,10 @@ void task_registry_each(void (*fn)(const struct task_def *task, void *arg), void
 void task_registry_use(const struct task_def *const *defs, size_t n);
 /* Whether name is a built-in task's (loaded modules may not take those names). */
 bool task_registry_is_builtin(const char *name);
+/* Where the JSON text of task->raw_param is in a v2 body [args, kwargs, embed] (body[0..len)): true with the
+ * span [*start, *end) when it is there (by position or by keyword), false otherwise (then the body is parsed
+ * as a whole and the task gets the argument as usual). */
+bool task_raw_arg_locate(const struct task_def *task, const char *body, size_t len, size_t *start, size_t *end);
 /* Whether params follows the grammar below (NULL counts as ""). */
 bool task_params_valid(const char *params);
 

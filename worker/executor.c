@@ -141,6 +141,33 @@ static redisContext *task_redis(struct task_ctx *ctx)
     return c;
 }
 
+/* Feeds jansson a body with one argument's text replaced by null (see task_raw_arg_locate). */
+struct body_parts {
+    const char *part[3];
+    size_t len[3];
+    int at;
+};
+
+static size_t next_part(void *buffer, size_t buflen, void *data)
+{
+    struct body_parts *b = data;
+    while (b->at < 3 && b->len[b->at] == 0)
+        b->at++;
+    if (b->at == 3)
+        return 0;
+    size_t n = b->len[b->at] < buflen ? b->len[b->at] : buflen;
+    memcpy(buffer, b->part[b->at], n);
+    b->part[b->at] += n;
+    b->len[b->at] -= n;
+    return n;
+}
+
+static json_t *load_without(const char *body, size_t len, size_t start, size_t end, json_error_t *err)
+{
+    struct body_parts b = {{body, "null", body + end}, {start, 4, len - end}, 0};
+    return json_load_callback(next_part, &b, JSON_ALLOW_NUL, err);
+}
+
 /* The main process stamps the seq of a running task it was asked to revoke (without terminate) in memory
  * shared with this process; the task is the one revoked when that matches the seq running now. */
 static bool task_revoked_impl(const struct task_ctx *ctx)
@@ -332,7 +359,11 @@ enum executor_status executor_run(struct executor *ex, const char *raw, size_t l
         goto out;
     }
     json_error_t jerr;
-    body = json_loadb(req.body, req.body_len, JSON_ALLOW_NUL, &jerr);
+    const struct task_def *task = task_registry_find(req.task.s);
+    size_t raw_start = 0, raw_end = 0;
+    bool raw_arg = task && task_raw_arg_locate(task, req.body, req.body_len, &raw_start, &raw_end);
+    body = raw_arg ? load_without(req.body, req.body_len, raw_start, raw_end, &jerr)
+               : json_loadb(req.body, req.body_len, JSON_ALLOW_NUL, &jerr);
     if (!body) {
         if (json_error_code(&jerr) == json_error_numeric_overflow) {
             /* Python ints are unbounded; native tasks take int64, so say what Python would for a C long. */
@@ -355,7 +386,6 @@ enum executor_status executor_run(struct executor *ex, const char *raw, size_t l
     if (!json_is_object(kwargs))
         kwargs = empty_kwargs = json_object();
 
-    const struct task_def *task = task_registry_find(req.task.s);
     if (!task) {
         fail_doc(doc, summary, &req, "NotRegistered", req.task.s);
         goto out;
@@ -370,6 +400,8 @@ enum executor_status executor_run(struct executor *ex, const char *raw, size_t l
         .redis_retry_s = ex->opt.redis ? 30.0 : 0, /* rides out a Redis restart rather than failing the task */
         .update_state = ex->opt.backend ? task_update_state_impl : NULL,
         .revoked = ex->opt.revoke_seq ? task_revoked_impl : NULL,
+        .raw_text = raw_arg ? req.body + raw_start : NULL,
+        .raw_len = raw_end - raw_start,
     };
     ex->current = &req;
     /* Celery's precedence: the message's own limit, then the task type's (time_limit control), then the

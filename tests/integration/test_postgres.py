@@ -73,6 +73,18 @@ def test_insert_subset_of_columns_and_nulls(run, items):
     assert sql(items, "SELECT id, name, value FROM items ORDER BY id") == [(1, None, 1.5), (2, None, None)]
 
 
+def test_rows_by_keyword_and_rows_not_a_list(app, pg_worker, fails, items):
+    """The rows are read from the message text whether they come by position or by keyword."""
+    rows = [[1, "a\tb\u00e9\U0001F600", 1e-300], [2, None, -0.0]]
+    r = app.send_task("native.pg_bulk_insert", args=["items"], kwargs={"columns": ["id", "name", "value"],
+                                                                         "rows": rows})
+    assert r.get(timeout=TIMEOUT) == 2
+    assert [list(x) for x in sql(items, "SELECT id, name, value FROM items ORDER BY id")] == rows
+    for bad, name in (("abc", "str"), ({"a": 1}, "dict"), (5, "int"), (None, "NoneType")):
+        assert fails("native.pg_bulk_insert", "items", ["id"], bad) == \
+            ("TypeError", f"pg_bulk_insert() rows must be a list, not {name}")
+
+
 def test_empty_rows_insert_nothing(run, items):
     assert run("native.pg_bulk_insert", "items", ["id"], []) == 0
 
