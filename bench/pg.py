@@ -27,6 +27,7 @@ Each worker first runs one 1,000-row task (connection and table reflection), unt
 Medians are reported; every run is printed.
 """
 import argparse
+import gc
 import io
 import json
 import os
@@ -157,6 +158,12 @@ def run_worker(kind, rs, pg, sizes, runs, stock_runs_big, data, timeout):
                 print(f"  {kind:9} {n:>9,} rows  run {r + 1}: {dt:7.3f} s  {n / dt:>12,.0f} rows/s   "
                       f"(.delay() itself: {t_send:.3f} s)", flush=True)
     finally:
+        # AsyncResults left for the garbage collector would talk to Redis after it stopped (noise at exit).
+        gc.collect()
+        consumer = getattr(app.backend, "result_consumer", None)
+        if getattr(consumer, "_pubsub", None) is not None:
+            consumer.stop()
+            consumer._pubsub = None
         app.close()
         try:
             w.stop(timeout=30)

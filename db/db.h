@@ -136,9 +136,9 @@ struct db_raw_rows {
     struct db_buf scratch; /* owned: the unescaped strings of the current row */
 };
 enum { DB_RAW_NOT_A_LIST = -1, DB_RAW_MALFORMED = -2, DB_RAW_OVERFLOW = -3 };
-/* Opens text[0..len) (borrowed), which must be a JSON list: checks all of it and counts the rows. Returns 0, or
- * DB_RAW_NOT_A_LIST, DB_RAW_MALFORMED (not valid JSON), DB_RAW_OVERFLOW (a number that jansson would refuse as
- * out of range). Close with db_raw_rows_close in every case. */
+/* Opens text[0..len) (borrowed), which must be a JSON list: checks its grammar and counts the rows. Returns 0,
+ * DB_RAW_NOT_A_LIST or DB_RAW_MALFORMED (not valid JSON). A number that jansson would refuse as out of range
+ * is reported by db_raw_rows_next, when its row is read. Close with db_raw_rows_close in every case. */
 int db_raw_rows_open(struct db_raw_rows *r, const char *text, size_t len);
 /* The next row: for a list, its values into vals[0..max) and their number into *n (which may exceed max: the
  * extra ones are skipped), *is_list true; for anything else, the value itself into vals[0], *n = 1, *is_list

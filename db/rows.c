@@ -236,7 +236,7 @@ static int literal(const char **pp, const char *end, const char *word)
     return 0;
 }
 
-/* Skips (and checks) one value of any kind. Returns 0, -1 malformed, -2 a number out of range. */
+/* Skips (and checks the grammar of) one value of any kind. Returns 0, or -1 when malformed. */
 static int skip_value(const char **pp, const char *end, int depth)
 {
     const char *p = skip_ws(*pp, end);
@@ -281,11 +281,10 @@ static int skip_value(const char **pp, const char *end, int depth)
         }
         break;
     }
-    default: {
-        struct db_value v;
-        rc = scan_number(&p, end, &v); /* read too, so that an out-of-range number anywhere is reported */
+    default:
+        /* Only the grammar: the value is read (and a number out of range found) by the pass that uses it. */
+        rc = scan_number(&p, end, NULL);
         break;
-    }
     }
     *pp = p;
     return rc;
@@ -297,11 +296,11 @@ int db_raw_rows_open(struct db_raw_rows *r, const char *text, size_t len)
     const char *end = text + len, *p = skip_ws(text, end);
     if (p >= end || *p != '[')
         return DB_RAW_NOT_A_LIST;
-    /* Counted first: progress reports need the total, and a malformed list fails before any row is sent. */
+    /* Counted first: progress reports need the total, and a malformed list fails before any row is sent.
+     * A number out of range is only found when its row is read (the COPY is then aborted: nothing lands). */
     const char *q = p;
-    int rc = skip_value(&q, end, 0);
-    if (rc < 0)
-        return rc == -2 ? DB_RAW_OVERFLOW : DB_RAW_MALFORMED;
+    if (skip_value(&q, end, 0) < 0)
+        return DB_RAW_MALFORMED;
     for (const char *s = skip_ws(p + 1, end); s < end && *s != ']';) {
         skip_value(&s, end, 1);
         r->count++;

@@ -708,7 +708,7 @@ static void on_deliver(void *arg, struct broker_delivery *d)
         return;
     }
     char err[256] = "";
-    int rc = msg_decode(d->raw, d->len, (size_t)c->cfg->max_message_size, &j->req, err, sizeof err);
+    int rc = msg_decode_envelope(d->raw, d->len, (size_t)c->cfg->max_message_size, &j->req, err, sizeof err);
     if (rc != MSG_OK) {
         size_t show = d->len < 512 ? d->len : 512;
         log_error("Received invalid message%s%s: %s; message (%zu bytes): %.*s", j->req.id.s ? " for task " : "",

@@ -202,7 +202,10 @@ int control_utcoffset(void)
 /* The args and kwargs of a request's body: [args, kwargs, embed] (v2) or {"args", "kwargs"} (v1). */
 static void body_args(const struct msg_request *req, json_t **args, json_t **kwargs)
 {
-    json_t *body = req->body ? json_loadb(req->body, req->body_len, 0, NULL) : NULL;
+    size_t len = 0;
+    char *text = msg_body_copy(req, &len);
+    json_t *body = text ? json_loadb(text, len, 0, NULL) : NULL;
+    free(text);
     json_t *a = NULL, *k = NULL;
     if (json_is_array(body)) {
         a = json_array_get(body, 0);

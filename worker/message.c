@@ -1112,7 +1112,52 @@ static int decode_v1(struct msg_request *r, char *msg, size_t msglen)
     return MSG_OK;
 }
 
+static int decode(const char *raw, size_t len, size_t max_size, bool lazy_body, struct msg_request *out, char *err,
+                  size_t errlen);
+
 int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request *out, char *err, size_t errlen)
+{
+    return decode(raw, len, max_size, false, out, err, errlen);
+}
+
+int msg_decode_envelope(const char *raw, size_t len, size_t max_size, struct msg_request *out, char *err,
+                        size_t errlen)
+{
+    return decode(raw, len, max_size, true, out, err, errlen);
+}
+
+char *msg_body_copy(const struct msg_request *r, size_t *len)
+{
+    const char *src = r->body ? r->body : r->body_src;
+    size_t n = r->body ? r->body_len : r->body_src_len;
+    if (!src)
+        return NULL;
+    char *out = malloc(n + 1);
+    if (!out)
+        abort();
+    if (r->body) {
+        memcpy(out, src, n);
+    } else {
+        if (r->body_src_escaped)
+            n = str_unescape((const unsigned char *)src, n, out);
+        else
+            memcpy(out, src, n);
+        if (r->body_encoding.s) { /* base64 (decode refused any other encoding) */
+            long m = base64_decode(out, n, (unsigned char *)out);
+            if (m < 0) {
+                free(out);
+                return NULL;
+            }
+            n = (size_t)m;
+        }
+    }
+    out[n] = '\0';
+    *len = n;
+    return out;
+}
+
+static int decode(const char *raw, size_t len, size_t max_size, bool lazy_body, struct msg_request *out, char *err,
+                  size_t errlen)
 {
     char msg[MSG_ERRMSG];
     int st = MSG_OK, rc;
@@ -1126,7 +1171,9 @@ int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request 
     bool too_large = max_size && len > max_size;
     scan_init(&sc, raw, len, "");
 
-    arena_reserve(out, len + 1); /* the one chunk every envelope string and the body fit in (see top) */
+    /* The one chunk every envelope string and the body fit in (see top); without the body, the envelope's
+     * strings need far less (more chunks follow if they do not fit). */
+    arena_reserve(out, lazy_body && len > 65536 ? 65536 : len + 1);
 
     skip_ws(&sc);
     if (sc.p >= sc.end)
@@ -1189,6 +1236,17 @@ int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request 
     }
     if (v2 && !out->id.s) {
         snprintf(msg, sizeof msg, "message has no task id (no header 'id', no property 'correlation_id')");
+        goto out;
+    }
+    if (lazy_body && v2) {
+        if (out->body_encoding.s && strcmp(out->body_encoding.s, "base64") != 0) {
+            st = decode_body(&sc, out, msg, sizeof msg); /* says which encoding is unknown */
+            goto out;
+        }
+        out->body_src = (const char *)sc.body_raw;
+        out->body_src_len = sc.body_rawlen;
+        out->body_src_escaped = sc.body_escaped;
+        st = MSG_OK;
         goto out;
     }
     st = decode_body(&sc, out, msg, sizeof msg);

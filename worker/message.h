@@ -50,8 +50,13 @@ struct msg_request {
      * v2: [args, kwargs, embed] (or the hybrid dict); v1: the task object. Owned, NUL-terminated. */
     const char *body;
     size_t body_len;
+    /* Set by msg_decode_envelope instead of body, for a v2 message: the body as it is in the raw message
+     * (borrowed from it), for msg_body_copy. */
+    const char *body_src;
+    size_t body_src_len;
+    bool body_src_escaped;
 
-    void *arena; /* owns every string above; private to message.c */
+    void *arena; /* owns every string above but body_src; private to message.c */
 };
 
 /* Decodes raw[0..len) into *out (which the caller zeroes first or reuses after msg_request_clear).
@@ -64,6 +69,15 @@ struct msg_request {
  * of: TOO_LARGE, JSON (envelope), CONTENT_TYPE, ENVELOPE, BODY_ENCODING, then for v1 JSON (body),
  * UNKNOWN, ENVELOPE. A CONTENT_TYPE error leaves body NULL (a refused body is never decoded). */
 int msg_decode(const char *raw, size_t len, size_t max_size, struct msg_request *out, char *err, size_t errlen);
+/* The same, except that a v2 body is left encoded in raw (body NULL, body_src set): for the main process,
+ * which routes a message by its headers and needs the body only to show a task's arguments (inspect), while
+ * the pool process decodes it anyway. Spares a 48 MB message a base64 pass and 36 MB in the main process.
+ * raw must then outlive *out. A body that would not decode is the pool process's to report. */
+int msg_decode_envelope(const char *raw, size_t len, size_t max_size, struct msg_request *out, char *err,
+                        size_t errlen);
+/* The decoded body: a copy of body, or body_src decoded. Caller frees; NULL when there is none or it does not
+ * decode. */
+char *msg_body_copy(const struct msg_request *r, size_t *len);
 void msg_request_clear(struct msg_request *r);
 
 /* An eta/expires header -> epoch seconds. Accepts what Celery's parser (celery/utils/iso8601.py) accepts:
