@@ -6,6 +6,8 @@
 #include "db.h"
 
 #include <libpq-fe.h>
+
+#include "pq.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +32,8 @@ int db_configure(const char *dsn, const char *tables, char *err, size_t errlen)
     struct db_allow allow;
     if (dsn && *dsn) {
         char *why = NULL;
+        if (db_pq_load(err, errlen) < 0)
+            return -1;
         PQconninfoOption *opts = PQconninfoParse(dsn, &why);
         if (!opts) {
             /* libpq's reason may quote the malformed part, which can be the password: not shown. */
@@ -100,6 +104,11 @@ static PGconn *connection(struct task_ctx *ctx)
         drop_connection();
     if (conn)
         return conn;
+    char why[256];
+    if (db_pq_load(why, sizeof why) < 0) {
+        task_fail(ctx, "OperationalError", "%s", why);
+        return NULL;
+    }
     /* Later entries override earlier ones, and "dbname" expands the whole URL in place: the URL's own
      * connect_timeout wins over ours, while client_encoding is forced to UTF8 (jansson strings are UTF-8). */
     const char *keys[] = {"connect_timeout", "dbname", "fallback_application_name", "client_encoding", NULL};

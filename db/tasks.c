@@ -7,6 +7,8 @@
 #include "db.h"
 
 #include <libpq-fe.h>
+
+#include "pq.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

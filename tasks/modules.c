@@ -188,7 +188,7 @@ int task_modules_build(const char *src_dir, const char *out_dir, char **diag)
          * an undeclared function, which would only fail at load time, far from the line that caused it. */
         char *argv[] = {(char *)cc, "-std=gnu11", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wextra",
                         "-Werror=implicit-function-declaration", inc, "-I" CELERIAC_PQ_INCLUDE, "-o", tmp, src,
-                        "-ljansson", NULL};
+                        "-ljansson", "-l:libpq.so.5", NULL};
         size_t before = dlen;
         int status = run_capture(argv, diag, &dlen);
         if (status < 0) {

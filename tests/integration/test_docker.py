@@ -117,10 +117,12 @@ def test_build_script_builds_the_image_binary_from_the_docker_context(tmp_path):
     assert version.stdout == Celeriac.run(["--version"]).stdout  # the same release as the binary under test
     sections = subprocess.run(["readelf", "-S", binary], capture_output=True, text=True, check=True).stdout
     assert ".symtab" not in sections, "the image's binary should be stripped"
-    # The runtime stage installs exactly the packages of the libraries the binary links (libc6 is in the base).
+    # The runtime stage installs exactly the packages of the libraries the binary links (libc6 is in the base),
+    # plus libpq5, which db/pq.c loads by its soname on a worker's first database task.
     runtime = set(read("docker", "runtime-packages.txt").split())
     pkgs = needed_packages(str(binary))
-    assert set(pkgs.values()) - {"libc6"} == runtime, pkgs
+    assert b"libpq.so.5" in binary.read_bytes()
+    assert set(pkgs.values()) - {"libc6"} | {"libpq5"} == runtime, pkgs
     # The build directory is temporary: nothing else is left in the destination.
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["bin", "celeriac"]
 

@@ -114,7 +114,16 @@ static enum task_outcome greet(struct task_ctx *ctx, json_t *args, json_t *kwarg
     return task_return(ctx, result, out);
 }
 
+static enum task_outcome late(struct task_ctx *ctx, json_t *args, json_t *kwargs, json_t **result)
+{
+    (void)args, (void)kwargs;
+    struct timespec t = {0, 600000000};
+    nanosleep(&t, NULL);
+    return task_return(ctx, result, json_string("done"));
+}
+
 static const struct task_def tasks[] = {
+    {.name = "native.late", .fn = late, .params = "", .doc = "acknowledged after it ran", .acks_late = true},
     {.name = "native.spin", .fn = spin, .params = "", .doc = "spins until revoked or past its soft limit"},
     {.name = "native.hang", .fn = hang, .params = "", .doc = "never returns", .time_limit = 1},
     {.name = "native.greet", .fn = greet, .params = "who, loud=false, times=1, extra={}", .doc = "typed args",
@@ -124,13 +133,13 @@ CELERIAC_MODULE(tasks);
 """
 
 
-def test_module_contract_stop_limits_and_typed_arguments(tmp_path, app, workers):
+def test_module_contract_stop_limits_and_typed_arguments(tmp_path, app, workers, broker):
     d = tmp_path / "mods"
     d.mkdir()
     (d / "extra.c").write_text(MODULE.replace("#include <time.h>", "#include <time.h>\n#include <unistd.h>"))
     r = run("build", str(d))
     assert r.returncode == 0, r.stderr
-    assert "native.greet, native.hang, native.spin" in r.stdout
+    assert "native.greet, native.hang, native.late, native.spin" in r.stdout
     w = workers.start("-c", "2", "--tasks", str(d / "extra.so"))  # prebuilt: loaded, nothing compiled
     assert "Loaded 1 task module(s)" in w.log() and "cc:" not in w.log()
 
@@ -140,6 +149,16 @@ def test_module_contract_stop_limits_and_typed_arguments(tmp_path, app, workers)
     assert name == "TypeError" and "greet() argument 'loud' must be bool, not int" in str(e)
     name, e = exc_name_of(app.send_task("native.greet", kwargs={"loud": True}))
     assert name == "TypeError" and "missing 1 required positional argument: 'who'" in str(e)
+
+    # acks_late declared by the task: its message stays unacked while it runs (and only then).
+    r = app.send_task("native.late")
+    wait_until(lambda: r.state == "PENDING" and broker.hlen("unacked") == 1, what="late task held unacked")
+    assert r.get(timeout=TIMEOUT) == "done"
+    wait_until(lambda: broker.hlen("unacked") == 0, what="acknowledged after it ran")
+    r = app.send_task("native.sleep_ms", args=[600])
+    time.sleep(0.3)
+    assert broker.hlen("unacked") == 0  # the worker's default: acknowledged when handed to a process
+    assert r.get(timeout=TIMEOUT) == 600
 
     # The declared hard limit applies without any message or worker setting.
     name, _ = exc_name_of(app.send_task("native.hang"))
