@@ -24,15 +24,28 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-/* Where a Redis server is. All strings borrowed; they must outlive the object opened with it. */
+/* Which transport an endpoint names: broker_open and bus_open pick the implementation from it. */
+enum broker_kind { BROKER_REDIS = 0, BROKER_AMQP };
+
+/* Where a broker (Redis or RabbitMQ) is. All strings borrowed; they must outlive the object opened with it. */
 struct broker_endpoint {
     const char *host;     /* NULL when socket is set */
     int port;
-    const char *socket;   /* unix socket path, or NULL */
+    const char *socket;   /* unix socket path, or NULL (Redis only) */
     const char *username; /* ACL user, or NULL */
     const char *password; /* or NULL */
     int db;
     const char *display;  /* the URL with the password redacted, for log lines */
+    /* AMQP only (kind BROKER_AMQP; see amqp_broker.h for the URL that fills them). */
+    enum broker_kind kind;
+    const char *vhost;            /* "/" by default */
+    bool tls;                     /* amqps:// */
+    const char *ssl_ca_certs;     /* named after Celery's broker_use_ssl keys; NULL: none */
+    const char *ssl_certfile;
+    const char *ssl_keyfile;
+    bool ssl_verify;              /* ssl_cert_reqs=CERT_REQUIRED (the default when ssl_ca_certs is set) */
+    int heartbeat;                /* seconds; 0: none */
+    int queue_max_priority;       /* x-max-priority for the queues the worker creates; 0: none */
 };
 
 /* Where the broker's log lines go: level as in worker/config.h (10 debug .. 50 critical); line borrowed. */
@@ -92,8 +105,13 @@ int broker_next_tick_ms(const struct broker *b, double now);
 
 /* Whether a fetch should be issued now: none is in flight and the queues may hold messages. */
 bool broker_should_fetch(const struct broker *b);
-/* Issues one fetch of up to max messages; deliveries arrive through on_deliver. */
+/* Issues one fetch of up to max messages; deliveries arrive through on_deliver. On AMQP this moves the
+ * basic.qos window by max, which may be negative (the window shrinks back when held ETA tasks leave); Redis
+ * ignores max <= 0. */
 void broker_fetch(struct broker *b, int max);
+/* Stops taking messages (a warm shutdown begins): on AMQP the consumers are cancelled, so the broker stops
+ * pushing; on Redis nothing is needed (fetches are pulled). */
+void broker_pause(struct broker *b);
 /* Number of messages the fetch in flight may still deliver (counts against prefetch). */
 int broker_fetch_in_flight(const struct broker *b);
 /* Commands issued (acks, requeues, ...) whose replies have not come yet, or that are not even sent yet. A warm
