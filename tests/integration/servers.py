@@ -429,6 +429,12 @@ class RabbitServer(_Process):
         self.stop(keep_epmd=True)
         return self.start()
 
+    def ctl(self, *args, timeout=60):
+        """Runs rabbitmqctl against this node (the package's own script, as the caller: it needs our cookie)."""
+        exe = os.path.join(os.path.dirname(rabbitmq_server_script()), "rabbitmqctl")
+        return subprocess.run([exe, "-n", self.nodename, *args], env=self.environment(), cwd=self.tmpdir,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=True)
+
     def url(self, vhost="/"):
         from urllib.parse import quote
 
