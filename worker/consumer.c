@@ -1945,7 +1945,8 @@ int consumer_run(const struct config *cfg)
         now = epoch_now();
         if (c->http)
             http_process(c->http, fds + hfirst, n > 0 ? hcount : 0, now);
-        if (broker_fetch_in_flight(c->broker) == 0)
+        /* On AMQP the window stays open while the queues are idle (the broker pushes): no fetch to stall. */
+        if (broker_fetch_in_flight(c->broker) == 0 || c->broker_ep.kind == BROKER_AMQP)
             c->broker_progress = now;
         broker_tick(c->broker, now);
         bool up = broker_connected(c->broker);

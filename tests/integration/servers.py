@@ -350,21 +350,53 @@ class RabbitServer(_Process):
 
     name = "rabbitmq"
 
-    def __init__(self):
+    def __init__(self, tls=False):
         self.tmpdir = tempfile.mkdtemp(prefix="celeriac-rabbit-")
         super().__init__(log_dir=self.tmpdir)
         self._own_dir = True
         self.port = free_port()
         self.dist_port = free_port()
+        self.tls_port = free_port() if tls else None
         self.epmd = EpmdServer(free_port(), self.tmpdir)
         self.nodename = f"celeriac{self.port}@localhost"
         self.conf = os.path.join(self.tmpdir, "rabbitmq.conf")
+        conf = (f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+                "loopback_users.guest = true\n"
+                "log.console = true\nlog.console.level = warning\nlog.file = false\n")
+        if tls:
+            self.certs = self._make_certs()
+            conf += (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
+                     f"ssl_options.cacertfile = {self.certs['ca']}\n"
+                     f"ssl_options.certfile = {self.certs['server_cert']}\n"
+                     f"ssl_options.keyfile = {self.certs['server_key']}\n"
+                     "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n")
         with open(self.conf, "w") as f:
-            f.write(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
-                    "loopback_users.guest = true\n"
-                    "log.console = true\nlog.console.level = warning\nlog.file = false\n")
+            f.write(conf)
         with open(os.path.join(self.tmpdir, "enabled_plugins"), "w") as f:
             f.write("[].\n")
+
+    def _make_certs(self):
+        """A throw-away CA, a server certificate for localhost and a client certificate (openssl CLI)."""
+        d = os.path.join(self.tmpdir, "tls")
+        os.makedirs(d)
+        f = {k: os.path.join(d, k + ".pem") for k in ("ca", "ca_key", "server_cert", "server_key", "client_cert",
+                                                      "client_key")}
+
+        def run(*args):
+            subprocess.run(["openssl", *args], check=True, stdin=subprocess.DEVNULL, capture_output=True, cwd=d)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=celeriac test CA",
+            "-keyout", f["ca_key"], "-out", f["ca"])
+        ext = os.path.join(d, "ext.cnf")
+        with open(ext, "w") as e:
+            e.write("subjectAltName = DNS:localhost, IP:127.0.0.1\n")
+        for who, cn in (("server", "localhost"), ("client", "celeriac")):
+            csr = os.path.join(d, who + ".csr")
+            run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f[who + "_key"],
+                "-out", csr)
+            run("x509", "-req", "-in", csr, "-CA", f["ca"], "-CAkey", f["ca_key"], "-CAcreateserial", "-days", "2",
+                "-extfile", ext, "-out", f[who + "_cert"])
+        return f
 
     def command(self):
         return [rabbitmq_server_script()]

@@ -5,6 +5,7 @@ One RabbitMQ node serves the whole module (it takes seconds to start); every tes
 what one test leaves in the broker never reaches another. The module is skipped, with the reason, only when
 RabbitMQ cannot start on this machine."""
 
+import os
 import re
 import signal
 import threading
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.celeriac_only("celeriac on RabbitMQ")
 
 @pytest.fixture(scope="module")
 def rabbit():
-    rb = RabbitServer()
+    rb = RabbitServer(tls=True)
     try:
         rb.start()
     except Exception as e:  # noqa: BLE001 - any reason it cannot start is the skip reason
@@ -255,3 +256,37 @@ def test_cold_shutdown_leaves_messages_to_the_broker(amqp_app, workers, rabbit, 
     w.stop(signal.SIGQUIT)
     start(workers, rabbit, queue)
     assert slow.get(timeout=TIMEOUT) == 2000
+
+
+def test_amqps_with_a_client_certificate(amqp_app, workers, rabbit, queue):
+    """TLS (amqps://) with the CA, client certificate and key given as broker_use_ssl-named URL options; the
+    node requires a client certificate (fail_if_no_peer_cert)."""
+    from servers import Celeriac
+
+    c = rabbit.certs
+    base = f"amqps://guest:guest@localhost:{rabbit.tls_port}//?ssl_ca_certs={c['ca']}"
+    url = f"{base}&ssl_certfile={c['client_cert']}&ssl_keyfile={c['client_key']}"
+    w = workers.celeriac("-c", "1", "-Q", queue, "-n", f"tls-{queue}@h", broker_url=url)
+    assert amqp_app.tasks["native.add"].delay(20, 22).get(timeout=TIMEOUT) == 42
+    insp = amqp_app.control.inspect(destination=[f"tls-{queue}@h"], timeout=3)
+    assert insp.stats()[f"tls-{queue}@h"]["broker"]["ssl"] is True
+    assert "Connected to amqps://guest:**@localhost" in w.log()
+    out = Celeriac.run(["worker", "-Q", queue, "-b", base])  # no client certificate: refused
+    assert out.returncode != 0 and "Cannot connect" in out.stdout + out.stderr
+
+
+def test_missed_heartbeats_reconnect(amqp_app, workers, rabbit, queue):
+    """The node freezes (SIGSTOP): with heartbeat=1 celeriac notices within a few seconds, keeps trying, and
+    consumes again once the node is back."""
+    w = workers.celeriac("-c", "1", "-Q", queue, broker_url=rabbit.url() + "?heartbeat=1")
+    assert amqp_app.tasks["native.add"].delay(1, 1).get(timeout=TIMEOUT) == 2
+    with open(os.path.join(rabbit.tmpdir, "rabbit.pid")) as f:
+        beam = int(f.read().strip())
+    os.kill(beam, signal.SIGSTOP)
+    try:
+        wait_until(lambda: "Connection to broker lost" in w.log(), timeout=20, what="the missed heartbeats")
+    finally:
+        os.kill(beam, signal.SIGCONT)
+    assert "heartbeat" in w.log().split("Connection to broker lost", 1)[1].splitlines()[0]
+    wait_until(lambda: w.log().count("Connected to amqp://") >= 2, timeout=max(TIMEOUT, 60), what="a reconnect")
+    assert amqp_app.tasks["native.add"].delay(2, 2).get(timeout=TIMEOUT) == 4
