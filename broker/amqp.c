@@ -232,6 +232,8 @@ static void deliver(struct amqp_broker *b)
     d->len = len;
     d->queue = (int)q;
     d->priority = b->in.priority;
+    const char *cid = json_string_value(json_object_get(json_object_get(b->in.props, "properties"), "correlation_id"));
+    d->msg_id = cid ? strdup(cid) : NULL;
     if (b->nout == b->capout) {
         b->capout = b->capout ? b->capout * 2 : 256;
         b->out = realloc(b->out, b->capout * sizeof *b->out);

@@ -68,9 +68,13 @@ struct broker_delivery {
     char *raw;    /* owned: the message exactly as it was in the list */
     size_t len;
     int queue;    /* index into the queue names given to broker_open */
-    int priority; /* the priority step (0, 3, 6 or 9) of the list it was taken from */
+    int priority; /* the priority step (0, 3, 6 or 9) of the list it was taken from; AMQP: the property */
+    char *msg_id; /* owned or NULL: what identifies the message when it comes round again after broker_defer,
+                   * where the tag does not (AMQP: a new delivery tag each time; this is the correlation id) */
 };
 void broker_delivery_free(struct broker_delivery *d); /* frees d and what it owns */
+/* The message's identity across broker_defer: msg_id when set, else the tag. Borrowed from d. */
+const char *broker_delivery_identity(const struct broker_delivery *d);
 
 struct broker_handlers {
     /* Takes ownership of d. Called from broker_process, in pop order. */

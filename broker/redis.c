@@ -481,7 +481,13 @@ void broker_delivery_free(struct broker_delivery *d)
         return;
     free(d->tag);
     free(d->raw);
+    free(d->msg_id);
     free(d);
+}
+
+const char *broker_delivery_identity(const struct broker_delivery *d)
+{
+    return d->msg_id ? d->msg_id : d->tag;
 }
 
 static const char *redis_errstr(const struct broker *base)

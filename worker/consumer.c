@@ -120,7 +120,7 @@ struct consumer {
     size_t nlimits;
     struct eta_heap eta;   /* ETA jobs not yet due (unacked, but not counted in `held`: stock Celery raises its
                             * prefetch count by one for each, so they do not hold up the queue) */
-    char *scan_mark;       /* owned: tag of the first over-cap ETA message returned in this scan, or NULL */
+    char *scan_mark;       /* owned: identity of the first over-cap ETA message returned in this scan, or NULL */
     long scan_returned;    /* messages returned to the queue in this scan */
     double scan_started;   /* epoch seconds of the first of them */
     double fetch_paused_until; /* epoch seconds: no fetch before this (a scan just went round) */
@@ -630,7 +630,7 @@ static void eta_return(struct consumer *c, struct job *j)
     }
     broker_defer(c->broker, j->delivery);
     if (!c->scan_mark) {
-        c->scan_mark = strdup(j->delivery->tag);
+        c->scan_mark = strdup(broker_delivery_identity(j->delivery));
         if (!c->scan_mark)
             abort();
         /* Returned in the fetch that ended the last scan, it starts this one, which only goes on once the
@@ -696,7 +696,7 @@ static void on_deliver(void *arg, struct broker_delivery *d)
     j->expires = INFINITY;
     c->broker_progress = j->received = epoch_now();
     c->held++;
-    eta_scan_check(c, d->tag);
+    eta_scan_check(c, broker_delivery_identity(d));
     if (c->stopping) {
         /* Fetched after the shutdown began: straight back where it came from. */
         broker_requeue(c->broker, d);
@@ -1862,7 +1862,9 @@ int consumer_run(const struct config *cfg)
         /* The whole budget in one fetch (splitting it measured slower); a second fetch can go out while one
          * is in flight when early acks have freed budget meanwhile. */
         int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
-        if (!c->stopping && budget != 0 && now >= c->fetch_paused_until && broker_should_fetch(c->broker))
+        if (now < c->fetch_paused_until) /* AMQP: the window closes for the pause (Redis: no fetch, as < 0) */
+            budget = -broker_fetch_in_flight(c->broker);
+        if (!c->stopping && budget != 0 && broker_should_fetch(c->broker))
             broker_fetch(c->broker, budget);
         notice_started(c);
         if (now >= c->next_heartbeat) {

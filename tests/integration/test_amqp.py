@@ -107,6 +107,18 @@ def test_eta_tasks_wait_and_do_not_block_the_queue(amqp_app, workers, rabbit, qu
     assert time.time() - t0 >= 2
 
 
+def test_eta_cap_returns_the_latest_without_spinning(amqp_app, workers, rabbit, queue):
+    """--max-eta-reserved on AMQP: the tasks over the cap go back to the queue's tail, and the window closes for
+    the pause after each scan (the broker would otherwise hand them straight back, in a loop)."""
+    w = workers.celeriac("-c", "1", "-Q", queue, "--max-eta-reserved", "2", "-l", "debug", broker_url=rabbit.url())
+    later = [amqp_app.tasks["native.add"].apply_async((i, 0), countdown=3) for i in range(6)]
+    t0 = time.time()
+    assert amqp_app.tasks["native.add"].delay(1, 2).get(timeout=TIMEOUT) == 3
+    assert time.time() - t0 < 2.5
+    assert [r.get(timeout=TIMEOUT) for r in later] == list(range(6))
+    assert w.log().count("ETA task(s) over --max-eta-reserved to their queues") <= 10
+
+
 def test_retry_chain_chord(amqp_app, workers, rabbit, queue):
     w = start(workers, rabbit, queue)
     r = amqp_app.send_task("native.retry_n", (2,))
