@@ -302,3 +302,20 @@ def test_missed_heartbeats_reconnect(amqp_app, workers, rabbit, queue):
     assert "heartbeat" in w.log().split("Connection to broker lost", 1)[1].splitlines()[0]
     wait_until(lambda: w.log().count("Connected to amqp://") >= 2, timeout=max(TIMEOUT, 60), what="a reconnect")
     assert amqp_app.tasks["native.add"].delay(2, 2).get(timeout=TIMEOUT) == 4
+
+
+def test_mixed_workflow_with_a_stock_worker(rabbit, redis_server, workers, queue):
+    """A stock Python worker on the same node, declaring the same objects (no PRECONDITION_FAILED either way):
+    a chain native -> python -> native crosses both, each link published by the worker that ran the previous."""
+    native_q, py_q = queue + "-native", queue + "-py"
+    nat = workers.celeriac("-c", "2", "-Q", native_q, "--default-queue", py_q, broker_url=rabbit.url())
+    py = workers.python("-Q", py_q, "-c", "1", broker_url=rabbit.url(), env={"PYWORKER_NATIVE_QUEUE": native_q})
+    app = make_client(rabbit.url(), redis_server.url(1), task_default_queue=py_q,
+                      task_routes={"native.*": {"queue": native_q}})
+    try:
+        r = chain(sig(app, "native.add", 1, 2), sig(app, "py.mul", 10), sig(app, "native.add", 5)).delay()
+        assert r.get(timeout=TIMEOUT) == 35
+        assert f"[{r.parent.parent.id}]" in nat.log() and f"[{r.id}]" in nat.log()
+        wait_until(lambda: f"[{r.parent.id}]" in py.log(), what="py.mul in the stock worker's log")
+    finally:
+        close_client(app)
