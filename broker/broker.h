@@ -16,7 +16,14 @@
  *    only if their unacked record still exists, so a message is never restored twice.
  *  - defer (ETA tasks over the worker's cap) puts a message back unchanged at the far end of the priority list
  *    it came from, with the same guard.
- * Redis >= 6.2 is required (RPOP with a count, CLIENT TRACKING). */
+ * Redis >= 6.2 is required (RPOP with a count, CLIENT TRACKING).
+ *
+ * AMQP transport (amqp.c, RabbitMQ), picked by an endpoint of kind BROKER_AMQP (transport.h has the ops table
+ * both fill): messages are pushed by the broker within a basic.qos window that broker_fetch moves; ack is
+ * basic.ack (coalesced per pass), requeue is basic.reject(requeue), defer publishes the message again to its
+ * queue and acks the original; deliveries reach on_deliver as the same kombu envelope the Redis transport
+ * hands over, so the worker decodes one format. There is no visibility timeout: the broker requeues what a
+ * lost connection held. The result backend is Redis whatever the transport. */
 #ifndef CELERIAC_BROKER_H
 #define CELERIAC_BROKER_H
 
