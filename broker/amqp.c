@@ -27,8 +27,8 @@
 #define BACKOFF_MIN 0.1
 #define BACKOFF_MAX 5.0
 #define CONNECT_TIMEOUT_MS 3000
-#define DRAIN_MAX 4096     /* frames per drain: the loop gets round to the pool between bursts */
-#define QOS_MAX 65535      /* prefetch_count is 16 bits; Celery's unlimited (0) becomes this */
+#define DRAIN_MAX 4096 /* frames per drain: the loop gets round to the pool between bursts */
+#define QOS_MAX 65535  /* prefetch_count is 16 bits; Celery's unlimited (0) becomes this */
 
 /* A delivery not yet settled, in delivery order (tags grow). */
 struct outstanding {
@@ -37,7 +37,7 @@ struct outstanding {
 };
 
 struct amqp_broker {
-    struct broker base; /* first: see transport.h */
+    struct broker base;               /* first: see transport.h */
     const struct broker_endpoint *ep; /* borrowed */
     struct broker_handlers h;
     void *arg;
@@ -48,14 +48,14 @@ struct amqp_broker {
     double next_reconnect, backoff;
     char errstr[512];
 
-    char **queues;   /* owned; a queue keeps its index (its consumer tag) once known */
-    bool *active;    /* consumed now */
+    char **queues; /* owned; a queue keeps its index (its consumer tag) once known */
+    bool *active;  /* consumed now */
     size_t nqueues;
 
-    int qos;         /* the window asked for; 0: not consuming yet (AMQP's 0 would mean no limit) */
-    bool consuming;  /* basic.consume sent on this connection */
-    bool paused;     /* warm shutdown: never consume again */
-    int unacked;     /* delivered on this connection and not settled */
+    int qos;        /* the window asked for; 0: not consuming yet (AMQP's 0 would mean no limit) */
+    bool consuming; /* basic.consume sent on this connection */
+    bool paused;    /* warm shutdown: never consume again */
+    int unacked;    /* delivered on this connection and not settled */
     struct outstanding *out;
     size_t nout, capout, nacked;
 
@@ -115,8 +115,8 @@ static int consume_one(struct amqp_broker *b, size_t q)
 {
     char tag[32];
     snprintf(tag, sizeof tag, "%zu", q);
-    amqp_basic_consume_t m = {0, amqp_cstring_bytes(b->queues[q]), amqp_cstring_bytes(tag), 0, 0, 0, 1,
-                              amqp_empty_table};
+    amqp_basic_consume_t m = {
+        0, amqp_cstring_bytes(b->queues[q]), amqp_cstring_bytes(tag), 0, 0, 0, 1, amqp_empty_table};
     int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_CONSUME_METHOD, &m); /* nowait: no consume-ok */
     if (rc != AMQP_STATUS_OK) {
         lost(b, amqp_error_string2(rc));
@@ -146,8 +146,8 @@ static int connect_broker(struct amqp_broker *b)
         return -1;
     }
     for (size_t q = 0; q < b->nqueues; q++) {
-        if (b->active[q] && wire_declare_task_queue(b->st, b->queues[q], b->ep->queue_max_priority, err,
-                                                    sizeof err) < 0) {
+        if (b->active[q] &&
+            wire_declare_task_queue(b->st, b->queues[q], b->ep->queue_max_priority, err, sizeof err) < 0) {
             snprintf(b->errstr, sizeof b->errstr, "%s", err);
             wire_close(b->st, false);
             b->st = NULL;
@@ -250,13 +250,12 @@ static void handle_frame(struct amqp_broker *b, const amqp_frame_t *f)
 {
     if (f->frame_type == AMQP_FRAME_METHOD) {
         switch (f->payload.method.id) {
-        case AMQP_BASIC_DELIVER_METHOD:
-            break;
+        case AMQP_BASIC_DELIVER_METHOD: break;
         case AMQP_CONNECTION_CLOSE_METHOD: {
             const amqp_connection_close_t *m = f->payload.method.decoded;
             char why[300];
-            snprintf(why, sizeof why, "connection closed by the broker: %u %.*s", m->reply_code,
-                     (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+            snprintf(why, sizeof why, "connection closed by the broker: %u %.*s", m->reply_code, (int)m->reply_text.len,
+                     (const char *)m->reply_text.bytes);
             amqp_connection_close_ok_t ok = {0};
             amqp_send_method(b->st, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
             lost(b, why);
@@ -270,11 +269,8 @@ static void handle_frame(struct amqp_broker *b, const amqp_frame_t *f)
             lost(b, why); /* start over on a fresh connection: the consumers were on it */
             return;
         }
-        case AMQP_BASIC_CANCEL_METHOD:
-            lost(b, "the broker cancelled a consumer (queue deleted?)");
-            return;
-        default:
-            return; /* qos-ok, cancel-ok, ... */
+        case AMQP_BASIC_CANCEL_METHOD: lost(b, "the broker cancelled a consumer (queue deleted?)"); return;
+        default: return; /* qos-ok, cancel-ok, ... */
         }
     }
     if (f->channel == WIRE_CH && wire_incoming_feed(&b->in, f) == 1)
@@ -589,8 +585,8 @@ static const char *amqp_queue_name(const struct broker *base, size_t i, bool *co
 }
 
 static const struct broker_ops amqp_ops = {
-    amqp_close, amqp_pollfds, amqp_process, amqp_flush, amqp_connected, amqp_tick, amqp_next_tick_ms,
-    amqp_should_fetch, amqp_fetch, amqp_pause, amqp_fetch_in_flight, amqp_pending, amqp_ack, amqp_requeue,
-    amqp_defer, amqp_restore_visible, amqp_errstr, amqp_add_queue, amqp_cancel_queue, amqp_queue_count,
-    amqp_queue_name,
+    amqp_close,        amqp_pollfds,      amqp_process,    amqp_flush,           amqp_connected,       amqp_tick,
+    amqp_next_tick_ms, amqp_should_fetch, amqp_fetch,      amqp_pause,           amqp_fetch_in_flight, amqp_pending,
+    amqp_ack,          amqp_requeue,      amqp_defer,      amqp_restore_visible, amqp_errstr,          amqp_add_queue,
+    amqp_cancel_queue, amqp_queue_count,  amqp_queue_name,
 };

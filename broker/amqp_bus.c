@@ -23,7 +23,7 @@
 #define BINDING_PREFIX "_kombu.binding."
 
 struct amqp_bus {
-    struct bus base; /* first: see transport.h */
+    struct bus base;                  /* first: see transport.h */
     const struct broker_endpoint *ep; /* borrowed */
     struct bus_options opt;           /* strings borrowed */
     char *queue;                      /* owned: "<node>.celery.pidbox" */
@@ -113,8 +113,7 @@ static void amqp_bus_close(struct bus *base)
     free(b);
 }
 
-struct bus *amqp_bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err,
-                          size_t errlen)
+struct bus *amqp_bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err, size_t errlen)
 {
     struct amqp_bus *b = calloc(1, sizeof *b);
     if (!b)
@@ -126,8 +125,8 @@ struct bus *amqp_bus_open(const struct broker_endpoint *ep, const struct bus_opt
     const char *last = strrchr(member, '\x16');
     b->queue = strdup(last ? last + 1 : member);
     const char *key = opt->binding_key ? opt->binding_key : "celery.pidbox";
-    b->exchange = strdup(strncmp(key, BINDING_PREFIX, strlen(BINDING_PREFIX)) == 0 ? key + strlen(BINDING_PREFIX)
-                                                                                    : key);
+    b->exchange =
+        strdup(strncmp(key, BINDING_PREFIX, strlen(BINDING_PREFIX)) == 0 ? key + strlen(BINDING_PREFIX) : key);
     if (connect_bus(b, err, errlen) < 0) {
         amqp_bus_close(&b->base);
         return NULL;
@@ -156,8 +155,8 @@ static void drain(struct amqp_bus *b)
             lost(b, amqp_error_string2(rc));
             return;
         }
-        if (f.frame_type == AMQP_FRAME_METHOD && (f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD ||
-                                                  f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD)) {
+        if (f.frame_type == AMQP_FRAME_METHOD &&
+            (f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD || f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD)) {
             lost(b, "closed by the broker");
             return;
         }
@@ -229,8 +228,7 @@ static unsigned long amqp_bus_reconnects(const struct bus *base)
     return ((const struct amqp_bus *)base)->reconnects;
 }
 
-static void publish(struct amqp_bus *b, const char *exchange, const char *routing_key, const char *data,
-                    size_t len)
+static void publish(struct amqp_bus *b, const char *exchange, const char *routing_key, const char *data, size_t len)
 {
     if (!b->st)
         return;
@@ -254,8 +252,7 @@ static void amqp_bus_deliver_direct(struct bus *base, const char *binding_key, c
     publish((struct amqp_bus *)base, exchange, routing_key, data, len);
 }
 
-static void amqp_bus_revoked_add(struct bus *base, const char *key, const char *id, double now, double ttl,
-                                 long max)
+static void amqp_bus_revoked_add(struct bus *base, const char *key, const char *id, double now, double ttl, long max)
 {
     (void)base, (void)key, (void)id, (void)now, (void)ttl, (void)max;
 }
@@ -268,7 +265,7 @@ static long amqp_bus_revoked_load(struct bus *base, const char *key, double now,
 }
 
 static const struct bus_ops amqp_bus_ops = {
-    amqp_bus_close, amqp_bus_pollfds, amqp_bus_process, amqp_bus_flush, amqp_bus_connected, amqp_bus_tick,
-    amqp_bus_next_tick_ms, amqp_bus_reconnects, amqp_bus_publish, amqp_bus_deliver_direct, amqp_bus_revoked_add,
-    amqp_bus_revoked_load,
+    amqp_bus_close,     amqp_bus_pollfds,        amqp_bus_process,      amqp_bus_flush,
+    amqp_bus_connected, amqp_bus_tick,           amqp_bus_next_tick_ms, amqp_bus_reconnects,
+    amqp_bus_publish,   amqp_bus_deliver_direct, amqp_bus_revoked_add,  amqp_bus_revoked_load,
 };

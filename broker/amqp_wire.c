@@ -88,20 +88,14 @@ static void tv_from_ms(struct timeval *tv, int ms)
 void wire_reply_str(amqp_rpc_reply_t r, char *err, size_t errlen)
 {
     switch (r.reply_type) {
-    case AMQP_RESPONSE_NORMAL:
-        snprintf(err, errlen, "%s", "");
-        break;
-    case AMQP_RESPONSE_NONE:
-        snprintf(err, errlen, "no reply from the broker");
-        break;
-    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-        snprintf(err, errlen, "%s", amqp_error_string2(r.library_error));
-        break;
+    case AMQP_RESPONSE_NORMAL: snprintf(err, errlen, "%s", ""); break;
+    case AMQP_RESPONSE_NONE: snprintf(err, errlen, "no reply from the broker"); break;
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION: snprintf(err, errlen, "%s", amqp_error_string2(r.library_error)); break;
     case AMQP_RESPONSE_SERVER_EXCEPTION:
         if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
             const amqp_connection_close_t *m = r.reply.decoded;
-            snprintf(err, errlen, "connection closed by the broker: %u %.*s", m->reply_code,
-                     (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+            snprintf(err, errlen, "connection closed by the broker: %u %.*s", m->reply_code, (int)m->reply_text.len,
+                     (const char *)m->reply_text.bytes);
         } else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
             const amqp_channel_close_t *m = r.reply.decoded;
             snprintf(err, errlen, "channel closed by the broker: %u %.*s", m->reply_code, (int)m->reply_text.len,
@@ -165,10 +159,9 @@ amqp_connection_state_t wire_open(const struct broker_endpoint *ep, const char *
         {amqp_cstring_bytes("connection_name"), {AMQP_FIELD_KIND_UTF8, {.bytes = amqp_cstring_bytes(name)}}},
     };
     amqp_table_t ptable = {3, props};
-    amqp_rpc_reply_t r = amqp_login_with_properties(st, ep->vhost ? ep->vhost : "/", 0, AMQP_DEFAULT_FRAME_SIZE,
-                                                    ep->heartbeat, &ptable, AMQP_SASL_METHOD_PLAIN,
-                                                    ep->username ? ep->username : "guest",
-                                                    ep->password ? ep->password : "guest");
+    amqp_rpc_reply_t r = amqp_login_with_properties(
+        st, ep->vhost ? ep->vhost : "/", 0, AMQP_DEFAULT_FRAME_SIZE, ep->heartbeat, &ptable, AMQP_SASL_METHOD_PLAIN,
+        ep->username ? ep->username : "guest", ep->password ? ep->password : "guest");
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
         char why[256];
         wire_reply_str(r, why, sizeof why);
@@ -225,8 +218,7 @@ int wire_declare_exchange(amqp_connection_state_t st, const char *name, const ch
     return -1;
 }
 
-int wire_declare_task_queue(amqp_connection_state_t st, const char *queue, int max_priority, char *err,
-                            size_t errlen)
+int wire_declare_task_queue(amqp_connection_state_t st, const char *queue, int max_priority, char *err, size_t errlen)
 {
     amqp_bytes_t q = amqp_cstring_bytes(queue);
     amqp_queue_declare(st, WIRE_DECLARE_CH, q, 1, 0, 0, 0, amqp_empty_table);
@@ -239,8 +231,7 @@ int wire_declare_task_queue(amqp_connection_state_t st, const char *queue, int m
     /* Celery's Queue(name, Exchange(name), routing_key=name) for a queue it is told to consume. */
     if (wire_declare_exchange(st, queue, "direct", true, err, errlen) < 0)
         return -1;
-    amqp_table_entry_t prio = {amqp_cstring_bytes("x-max-priority"),
-                               {AMQP_FIELD_KIND_I32, {.i32 = max_priority}}};
+    amqp_table_entry_t prio = {amqp_cstring_bytes("x-max-priority"), {AMQP_FIELD_KIND_I32, {.i32 = max_priority}}};
     amqp_table_t args = {max_priority > 0 ? 1 : 0, &prio};
     amqp_queue_declare(st, WIRE_DECLARE_CH, q, 0, 1, 0, 0, args);
     char what[300];
@@ -366,16 +357,15 @@ static void json_value(amqp_pool_t *pool, const json_t *j, amqp_field_value_t *v
         v->value.table.entries = n ? amqp_pool_alloc(pool, n * sizeof(amqp_table_entry_t)) : NULL;
         const char *k;
         json_t *e;
-        json_object_foreach((json_t *)j, k, e) {
+        json_object_foreach((json_t *)j, k, e)
+        {
             v->value.table.entries[i].key = pool_string(pool, k, strlen(k));
             json_value(pool, e, &v->value.table.entries[i].value);
             i++;
         }
         break;
     }
-    default:
-        v->kind = AMQP_FIELD_KIND_VOID;
-        break;
+    default: v->kind = AMQP_FIELD_KIND_VOID; break;
     }
 }
 
@@ -439,12 +429,14 @@ int wire_incoming_feed(struct wire_incoming *in, const amqp_frame_t *f)
         json_object_set_new(props, "priority", json_integer(in->priority));
         json_object_set_new(props, "body_encoding", json_string("base64"));
         json_t *env = json_object();
-        json_object_set_new(env, "content-type", p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG
-                                                     ? bytes_json(p->content_type) : json_string("application/json"));
-        json_object_set_new(env, "content-encoding", p->_flags & AMQP_BASIC_CONTENT_ENCODING_FLAG
-                                                         ? bytes_json(p->content_encoding) : json_string("utf-8"));
-        json_object_set_new(env, "headers", p->_flags & AMQP_BASIC_HEADERS_FLAG ? table_json(&p->headers)
-                                                                               : json_object());
+        json_object_set_new(env, "content-type",
+                            p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG ? bytes_json(p->content_type)
+                                                                     : json_string("application/json"));
+        json_object_set_new(env, "content-encoding",
+                            p->_flags & AMQP_BASIC_CONTENT_ENCODING_FLAG ? bytes_json(p->content_encoding)
+                                                                         : json_string("utf-8"));
+        json_object_set_new(env, "headers",
+                            p->_flags & AMQP_BASIC_HEADERS_FLAG ? table_json(&p->headers) : json_object());
         json_object_set_new(env, "properties", props);
         in->props = env;
     } else if (f->frame_type == AMQP_FRAME_BODY && in->have_header) {
@@ -465,9 +457,9 @@ char *wire_envelope(const struct wire_incoming *in, const char *tag, size_t *len
     char *b64 = b64_encode((const unsigned char *)in->body, in->body_len, &blen);
     json_t *env = json_copy(in->props); /* shallow: only the top level and properties change below */
     json_t *props = json_copy(json_object_get(env, "properties"));
-    json_object_set_new(props, "delivery_info", json_pack("{s:s, s:s, s:b}", "exchange", in->exchange,
-                                                          "routing_key", in->routing_key, "redelivered",
-                                                          in->redelivered));
+    json_object_set_new(props, "delivery_info",
+                        json_pack("{s:s, s:s, s:b}", "exchange", in->exchange, "routing_key", in->routing_key,
+                                  "redelivered", in->redelivered));
     json_object_set_new(props, "delivery_tag", json_string(tag));
     json_object_set_new(env, "properties", props);
     json_object_set_new(env, "body", json_stringn_nocheck(b64, blen));
@@ -488,8 +480,8 @@ static amqp_bytes_t str_bytes(const json_t *o, const char *key, bool *found)
     return s ? amqp_cstring_bytes(s) : amqp_empty_bytes;
 }
 
-int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, const char *routing_key,
-                          const char *data, size_t len, char *err, size_t errlen)
+int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, const char *routing_key, const char *data,
+                          size_t len, char *err, size_t errlen)
 {
     int rc = -1;
     unsigned char *body = NULL;
@@ -663,8 +655,10 @@ static int parse_query(struct amqp_url *u, const char *q, char *why, size_t whyl
         } else if (strcmp(key, "queue_max_priority") == 0) {
             rc = parse_int(val, 0, 255, &u->queue_max_priority);
         } else {
-            snprintf(why, whylen, "unknown query parameter '%s' (known: ssl_ca_certs, ssl_certfile, ssl_keyfile, "
-                                  "ssl_cert_reqs, ssl, heartbeat, queue_max_priority)", key);
+            snprintf(why, whylen,
+                     "unknown query parameter '%s' (known: ssl_ca_certs, ssl_certfile, ssl_keyfile, "
+                     "ssl_cert_reqs, ssl, heartbeat, queue_max_priority)",
+                     key);
             free(val);
             return -1;
         }
@@ -801,7 +795,7 @@ void amqp_url_endpoint(const struct amqp_url *u, const char *display, struct bro
 struct amqp_producer {
     const struct broker_endpoint *ep; /* borrowed */
     amqp_connection_state_t st;
-    uint64_t published;               /* publishes on this channel: the confirm sequence numbers */
+    uint64_t published;                    /* publishes on this channel: the confirm sequence numbers */
     char *declared[PRODUCER_DECLARED_MAX]; /* owned: queues declared already */
     size_t ndeclared;
 };
@@ -872,7 +866,8 @@ static int producer_wait_confirm(struct amqp_producer *p, char *err, size_t errl
             snprintf(err, errlen, "the broker refused the message (basic.nack)");
             return -1;
         } else if (id == AMQP_CHANNEL_CLOSE_METHOD || id == AMQP_CONNECTION_CLOSE_METHOD) {
-            snprintf(err, errlen, "the broker closed the %s", id == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection");
+            snprintf(err, errlen, "the broker closed the %s",
+                     id == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection");
             return -1;
         }
     }

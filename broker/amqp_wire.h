@@ -30,23 +30,22 @@ void wire_reply_str(amqp_rpc_reply_t r, char *err, size_t errlen);
  * exchange of the same name, the durable queue (x-max-priority when max_priority > 0) and the binding with the
  * queue's name as routing key. A queue that exists already is kept as it is (a passive declare first), so a
  * client's own queue arguments never make this fail with PRECONDITION_FAILED. Returns 0 or -1 with err. */
-int wire_declare_task_queue(amqp_connection_state_t st, const char *queue, int max_priority, char *err,
-                            size_t errlen);
+int wire_declare_task_queue(amqp_connection_state_t st, const char *queue, int max_priority, char *err, size_t errlen);
 /* exchange.declare on the declare channel. Returns 0 or -1 with err. */
 int wire_declare_exchange(amqp_connection_state_t st, const char *name, const char *type, bool durable, char *err,
                           size_t errlen);
 
 /* A message being received: the basic.deliver fields, then the header, then the body frames. */
 struct wire_incoming {
-    bool active;         /* a basic.deliver came and the message is not complete yet */
+    bool active; /* a basic.deliver came and the message is not complete yet */
     bool have_header;
     uint64_t delivery_tag;
     bool redelivered;
     char *exchange, *routing_key, *consumer_tag; /* owned */
-    json_t *props;       /* owned: the envelope without the body, built from the header frame */
+    json_t *props;                               /* owned: the envelope without the body, built from the header frame */
     int priority;
     size_t body_size;
-    char *body;          /* owned, body_size bytes */
+    char *body; /* owned, body_size bytes */
     size_t body_len;
 };
 /* Feeds one frame of channel ch. Returns 1 when a message is complete (then wire_envelope it and
@@ -61,7 +60,7 @@ void wire_incoming_clear(struct wire_incoming *in);
  * headers as an AMQP table, content type and encoding, delivery_mode, priority, correlation_id, reply_to.
  * exchange / routing_key: NULL takes the envelope's delivery_info. Returns 0, -1 with err filled when the
  * envelope is unusable (nothing sent), or -2 on a connection error. */
-int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, const char *routing_key,
-                          const char *data, size_t len, char *err, size_t errlen);
+int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, const char *routing_key, const char *data,
+                          size_t len, char *err, size_t errlen);
 
 #endif

@@ -232,7 +232,8 @@ static void redis_bus_revoked_add(struct bus *base, const char *key, const char 
     rconn_command(&b->cmd, NULL, NULL, "EXPIRE %s %ld", key, (long)ttl);
 }
 
-static long redis_bus_revoked_load(struct bus *base, const char *key, double now, double ttl, bus_revoked_fn fn, void *arg)
+static long redis_bus_revoked_load(struct bus *base, const char *key, double now, double ttl, bus_revoked_fn fn,
+                                   void *arg)
 {
     struct redis_bus *b = (struct redis_bus *)base;
     redisReply *r = rconn_call(&b->cmd, "ZRANGEBYSCORE %s %.6f +inf WITHSCORES", key, now - ttl);

@@ -62,9 +62,7 @@ struct bus {
     const struct bus_ops *ops;
 };
 
-struct bus *redis_bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err,
-                           size_t errlen);
-struct bus *amqp_bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err,
-                          size_t errlen);
+struct bus *redis_bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err, size_t errlen);
+struct bus *amqp_bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err, size_t errlen);
 
 #endif

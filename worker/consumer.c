@@ -1194,8 +1194,9 @@ static json_t *cmd_stats(struct consumer *c, const json_t *args)
         "put-guarded-by-semaphore", 0, "timeouts", c->cfg->soft_time_limit, c->cfg->time_limit, "writes",
         "broker", "hostname", c->broker_url.host ? c->broker_url.host : c->broker_url.socket, "userid",
         c->broker_url.username, "virtual_host", amqp ? c->broker_ep.vhost : vhost, "port", c->broker_url.port, "insist",
-        0, "ssl", amqp && c->broker_ep.tls, "transport", amqp ? "amqp" : c->broker_url.socket ? "redis+socket" : "redis", "connect_timeout", 4, "transport_options", "login_method",
-        "uri_prefix", "heartbeat", 120.0, "failover_strategy", "round-robin", "alternates", "prefetch_count",
+        0, "ssl", amqp && c->broker_ep.tls, "transport",
+        amqp ? "amqp" : c->broker_url.socket ? "redis+socket" : "redis", "connect_timeout", 4, "transport_options",
+        "login_method", "uri_prefix", "heartbeat", 120.0, "failover_strategy", "round-robin", "alternates", "prefetch_count",
         c->prefetch, "rusage", control_rusage());
     if (!out)
         abort();
@@ -1223,8 +1224,8 @@ static json_t *cmd_report(struct consumer *c, const json_t *args)
                "software -> celeriac:%s (speaks Celery 5.2.6's protocol) kombu-redis\n"
                "platform -> system:Linux impl:C\nloader -> none (native tasks)\nsettings -> transport:%s "
                "results:%s\n\nbroker_url: '%s'\nresult_backend: %s\n",
-               CELERIAC_VERSION, c->broker_ep.kind == BROKER_AMQP ? "amqp" : "redis", c->backend ? "redis" : "disabled", c->broker_display,
-               c->backend_display ? c->backend_display : "None");
+               CELERIAC_VERSION, c->broker_ep.kind == BROKER_AMQP ? "amqp" : "redis", c->backend ? "redis" : "disabled",
+               c->broker_display, c->backend_display ? c->backend_display : "None");
     json_t *out = json_pack("{s:s}", "ok", text.data);
     buf_free(&text);
     return out;

@@ -29,8 +29,8 @@ static void test_url_defaults_as_kombu(void **state)
 
     static const struct {
         const char *url, *vhost;
-    } vh[] = {{"amqp://h//", "/"}, {"amqp://h/", "/"}, {"amqp://h", "/"}, {"amqp://h/%2F", "/"},
-              {"pyamqp://h/prod", "prod"}, {"amqp://h/a%2Fb?heartbeat=0", "a/b"}};
+    } vh[] = {{"amqp://h//", "/"},   {"amqp://h/", "/"},          {"amqp://h", "/"},
+              {"amqp://h/%2F", "/"}, {"pyamqp://h/prod", "prod"}, {"amqp://h/a%2Fb?heartbeat=0", "a/b"}};
     for (size_t i = 0; i < sizeof vh / sizeof *vh; i++) {
         assert_int_equal(amqp_url_parse(vh[i].url, &u, err, sizeof err), 0);
         assert_string_equal(u.vhost, vh[i].vhost);
@@ -81,9 +81,9 @@ static void test_url_errors_mask_the_password(void **state)
     (void)state;
     struct amqp_url u;
     char err[256];
-    static const char *const bad[] = {"amqp://u:secret@h:0/", "amqp://u:secret@h:x/", "amqp://u:secret@h/?nope=1",
-                                      "amqp://u:secret@h/?heartbeat=-1", "amqp://u:secret@[::1/",
-                                      "redis://u:secret@h/", "amqp://u:secret@h/%zz"};
+    static const char *const bad[] = {
+        "amqp://u:secret@h:0/",  "amqp://u:secret@h:x/", "amqp://u:secret@h/?nope=1", "amqp://u:secret@h/?heartbeat=-1",
+        "amqp://u:secret@[::1/", "redis://u:secret@h/",  "amqp://u:secret@h/%zz"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         err[0] = '\0';
         assert_int_equal(amqp_url_parse(bad[i], &u, err, sizeof err), -1);
