@@ -2,9 +2,10 @@
  *
  * DESIGN. One connection; channel 1 consumes every queue (one consumer each, tagged with the queue's index)
  * and carries acks; channel 2 declares (wire_declare_task_queue). librabbitmq is blocking, so the loop polls
- * its socket and drains it with zero timeouts (amqp_simple_wait_frame_noblock) until nothing is buffered;
- * that same call sends and checks heartbeats, so broker_tick drains too and the poll timeout never exceeds
- * half the heartbeat.
+ * its socket and, when it is readable, drains it with zero timeouts (amqp_simple_wait_frame_noblock) until
+ * nothing is buffered; that same call sends our heartbeats, so broker_tick also drains once a second (twice
+ * with a 1 s heartbeat) whatever the socket says. The broker's missed heartbeats are noticed by the loop
+ * itself (heartbeat_missed): librabbitmq only checks them in a read that may wait.
  *
  * Flow control is the broker's: basic.qos bounds the unacked messages, and "fetching" moves that window.
  * The consumer asks for budget = prefetch - held - in flight, where in flight = window - unacked; with
@@ -60,6 +61,8 @@ struct amqp_broker {
     size_t nout, capout, nacked;
 
     struct wire_incoming in;
+    double next_housekeeping; /* epoch seconds: the next drain whether or not the socket is readable */
+    double last_rx;           /* epoch seconds anything (a heartbeat at least) last came from the broker */
 };
 
 static const struct broker_ops amqp_ops;
@@ -154,6 +157,8 @@ static int connect_broker(struct amqp_broker *b)
             return -1;
         }
     }
+    b->last_rx = now_s();
+    b->next_housekeeping = 0;
     if (b->qos > 0 && !b->paused && start_consuming(b) < 0)
         return -1;
     return 0;
@@ -277,6 +282,40 @@ static void handle_frame(struct amqp_broker *b, const amqp_frame_t *f)
         deliver(b);
 }
 
+/* Whether to read now: the socket polled readable, or librabbitmq holds data or frames already (read by an
+ * RPC, or left by a capped drain), for which the socket will not say. Idle passes thus cost no recv(). */
+static bool want_drain(struct amqp_broker *b, const struct pollfd *fds, int n)
+{
+    if (!b->st)
+        return false;
+    if (amqp_data_in_buffer(b->st) || amqp_frames_enqueued(b->st))
+        return true;
+    int fd = amqp_get_sockfd(b->st);
+    for (int i = 0; i < n; i++) {
+        if (fds[i].fd == fd && fds[i].revents) {
+            b->last_rx = now_s(); /* heartbeats included, which librabbitmq reads without handing them out */
+            return true;
+        }
+    }
+    return false;
+}
+
+/* librabbitmq notices missed heartbeats only while it waits to read, which this loop never does, and a send
+ * made after its deadline has passed can block for good. So the loop keeps its own watch: nothing at all
+ * from the broker for 1.5 heartbeat intervals (RabbitMQ sends one every half interval) means it is gone. */
+static bool heartbeat_missed(const struct amqp_broker *b, double now)
+{
+    int hb = b->st ? amqp_get_heartbeat(b->st) : 0;
+    return hb > 0 && now - b->last_rx > 1.5 * hb;
+}
+
+/* The heartbeats (sent, and checked for, by librabbitmq while it reads) need a read at least this often. */
+static double housekeeping_interval(amqp_connection_state_t st)
+{
+    int hb = amqp_get_heartbeat(st);
+    return hb > 0 && hb < 2 ? hb / 2.0 : 1.0;
+}
+
 /* Reads every frame librabbitmq can hand out without blocking (this also keeps the heartbeats going). */
 static void drain(struct amqp_broker *b)
 {
@@ -290,17 +329,33 @@ static void drain(struct amqp_broker *b)
             lost(b, amqp_error_string2(rc));
             return;
         }
+        b->last_rx = now_s();
         handle_frame(b, &f);
         if (b->st)
             amqp_maybe_release_buffers(b->st);
     }
 }
 
+/* False once the broker missed its heartbeats (see heartbeat_missed), and then the connection is dropped. What
+ * is waiting in the socket is read first: the loop may have been busy elsewhere for a while. */
+static bool alive(struct amqp_broker *b, double now)
+{
+    if (!b->st || !heartbeat_missed(b, now))
+        return b->st != NULL;
+    drain(b);
+    if (b->st && heartbeat_missed(b, now_s())) {
+        char why[96];
+        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", now_s() - b->last_rx);
+        lost(b, why);
+    }
+    return b->st != NULL;
+}
+
 static int amqp_process(struct broker *base, const struct pollfd *fds, int n)
 {
     struct amqp_broker *b = (struct amqp_broker *)base;
-    (void)fds, (void)n;
-    drain(b);
+    if (want_drain(b, fds, n))
+        drain(b);
     return 0;
 }
 
@@ -336,7 +391,8 @@ static void send_acks(struct amqp_broker *b)
 static int amqp_flush(struct broker *base)
 {
     struct amqp_broker *b = (struct amqp_broker *)base;
-    send_acks(b);
+    if (b->nacked && alive(b, now_s()))
+        send_acks(b);
     return 0;
 }
 
@@ -349,8 +405,13 @@ static bool amqp_connected(const struct broker *base)
 static void amqp_tick(struct broker *base, double now)
 {
     struct amqp_broker *b = (struct amqp_broker *)base;
+    if (b->st && !alive(b, now))
+        return;
     if (b->st) {
-        drain(b);
+        if (now >= b->next_housekeeping || want_drain(b, NULL, 0)) {
+            drain(b);
+            b->next_housekeeping = now + (b->st ? housekeeping_interval(b->st) : 0);
+        }
         return;
     }
     if (now < b->next_reconnect)
@@ -373,10 +434,10 @@ static int amqp_next_tick_ms(const struct broker *base, double now)
         double ms = (b->next_reconnect - now) * 1000.0;
         return ms <= 0 ? 0 : (int)ms + 1;
     }
-    if (amqp_frames_enqueued(b->st) || amqp_data_in_buffer(b->st))
-        return 0; /* read by an RPC (add_consumer) or left over from a capped drain: the socket will not say */
-    int hb = amqp_get_heartbeat(b->st);
-    return hb > 0 ? hb * 1000 / 2 : 60000;
+    if (amqp_data_in_buffer(b->st) || amqp_frames_enqueued(b->st))
+        return 0;
+    double ms = (b->next_housekeeping - now) * 1000.0;
+    return ms <= 0 ? 0 : (int)ms + 1;
 }
 
 static bool amqp_should_fetch(const struct broker *base)

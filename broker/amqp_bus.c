@@ -32,6 +32,8 @@ struct amqp_bus {
     double next_reconnect, backoff;
     unsigned long reconnects;
     struct wire_incoming in;
+    double next_housekeeping; /* epoch seconds: the next drain whether or not the socket is readable */
+    double last_rx;           /* epoch seconds anything (a heartbeat at least) last came from the broker */
 };
 
 static const struct bus_ops amqp_bus_ops;
@@ -96,6 +98,8 @@ static int connect_bus(struct amqp_bus *b, char *err, size_t errlen)
     amqp_basic_consume(b->st, WIRE_CH, q, amqp_empty_bytes, 0, 1, 0, amqp_empty_table);
     if (rpc(b, "basic.consume (pidbox)", err, errlen) < 0)
         goto fail;
+    b->last_rx = now_s();
+    b->next_housekeeping = 0;
     return 0;
 fail:
     wire_close(b->st, false);
@@ -143,6 +147,40 @@ static int amqp_bus_pollfds(struct bus *base, struct pollfd *fds, int max)
     return 1;
 }
 
+/* Whether to read now: the socket polled readable, or librabbitmq holds data or frames already (read by an
+ * RPC, or left by a capped drain), for which the socket will not say. Idle passes thus cost no recv(). */
+static bool want_drain(struct amqp_bus *b, const struct pollfd *fds, int n)
+{
+    if (!b->st)
+        return false;
+    if (amqp_data_in_buffer(b->st) || amqp_frames_enqueued(b->st))
+        return true;
+    int fd = amqp_get_sockfd(b->st);
+    for (int i = 0; i < n; i++) {
+        if (fds[i].fd == fd && fds[i].revents) {
+            b->last_rx = now_s(); /* heartbeats included, which librabbitmq reads without handing them out */
+            return true;
+        }
+    }
+    return false;
+}
+
+/* librabbitmq notices missed heartbeats only while it waits to read, which this loop never does, and a send
+ * made after its deadline has passed can block for good. So the loop keeps its own watch: nothing at all
+ * from the broker for 1.5 heartbeat intervals (RabbitMQ sends one every half interval) means it is gone. */
+static bool heartbeat_missed(const struct amqp_bus *b, double now)
+{
+    int hb = b->st ? amqp_get_heartbeat(b->st) : 0;
+    return hb > 0 && now - b->last_rx > 1.5 * hb;
+}
+
+/* The heartbeats (sent, and checked for, by librabbitmq while it reads) need a read at least this often. */
+static double housekeeping_interval(amqp_connection_state_t st)
+{
+    int hb = amqp_get_heartbeat(st);
+    return hb > 0 && hb < 2 ? hb / 2.0 : 1.0;
+}
+
 static void drain(struct amqp_bus *b)
 {
     struct timeval zero = {0, 0};
@@ -155,6 +193,7 @@ static void drain(struct amqp_bus *b)
             lost(b, amqp_error_string2(rc));
             return;
         }
+        b->last_rx = now_s();
         if (f.frame_type == AMQP_FRAME_METHOD &&
             (f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD || f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD)) {
             lost(b, "closed by the broker");
@@ -175,10 +214,26 @@ static void drain(struct amqp_bus *b)
     }
 }
 
+/* False once the broker missed its heartbeats (see heartbeat_missed), and then the connection is dropped. What
+ * is waiting in the socket is read first: the loop may have been busy elsewhere for a while. */
+static bool alive(struct amqp_bus *b, double now)
+{
+    if (!b->st || !heartbeat_missed(b, now))
+        return b->st != NULL;
+    drain(b);
+    if (b->st && heartbeat_missed(b, now_s())) {
+        char why[96];
+        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", now_s() - b->last_rx);
+        lost(b, why);
+    }
+    return b->st != NULL;
+}
+
 static void amqp_bus_process(struct bus *base, const struct pollfd *fds, int n)
 {
-    (void)fds, (void)n;
-    drain((struct amqp_bus *)base);
+    struct amqp_bus *b = (struct amqp_bus *)base;
+    if (want_drain(b, fds, n))
+        drain(b);
 }
 
 static void amqp_bus_flush(struct bus *base)
@@ -194,8 +249,13 @@ static bool amqp_bus_connected(const struct bus *base)
 static void amqp_bus_tick(struct bus *base, double now)
 {
     struct amqp_bus *b = (struct amqp_bus *)base;
+    if (b->st && !alive(b, now))
+        return;
     if (b->st) {
-        drain(b);
+        if (now >= b->next_housekeeping || want_drain(b, NULL, 0)) {
+            drain(b);
+            b->next_housekeeping = now + (b->st ? housekeeping_interval(b->st) : 0);
+        }
         return;
     }
     if (now < b->next_reconnect)
@@ -217,10 +277,10 @@ static int amqp_bus_next_tick_ms(const struct bus *base, double now)
         double ms = (b->next_reconnect - now) * 1000.0;
         return ms <= 0 ? 0 : (int)ms + 1;
     }
-    if (amqp_frames_enqueued(b->st) || amqp_data_in_buffer(b->st))
+    if (amqp_data_in_buffer(b->st) || amqp_frames_enqueued(b->st))
         return 0;
-    int hb = amqp_get_heartbeat(b->st);
-    return hb > 0 ? hb * 1000 / 2 : 60000;
+    double ms = (b->next_housekeeping - now) * 1000.0;
+    return ms <= 0 ? 0 : (int)ms + 1;
 }
 
 static unsigned long amqp_bus_reconnects(const struct bus *base)
@@ -230,7 +290,7 @@ static unsigned long amqp_bus_reconnects(const struct bus *base)
 
 static void publish(struct amqp_bus *b, const char *exchange, const char *routing_key, const char *data, size_t len)
 {
-    if (!b->st)
+    if (!alive(b, now_s()))
         return;
     char err[256];
     if (wire_publish_envelope(b->st, exchange, routing_key, data, len, err, sizeof err) == -2)
