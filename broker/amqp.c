@@ -17,6 +17,7 @@
  * basic.ack(multiple), the others one by one. A lost connection bumps a generation number that is part of
  * every delivery's tag: acks of the old generation are dropped (the broker requeues those messages itself,
  * and acking their tags on the new channel would be a channel error). */
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -342,6 +343,9 @@ static bool alive(struct amqp_broker *b, double now)
 {
     if (!b->st || !heartbeat_missed(b, now))
         return b->st != NULL;
+    struct pollfd pfd = {amqp_get_sockfd(b->st), POLLIN, 0};
+    if (poll(&pfd, 1, 0) > 0)
+        b->last_rx = now; /* heartbeats are read without being handed out: readable is the sign of life */
     drain(b);
     if (b->st && heartbeat_missed(b, now_s())) {
         char why[96];

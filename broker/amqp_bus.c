@@ -8,6 +8,7 @@
  * routing key <type>; a binding key "_kombu.binding.<exchange>" names the exchange; the binding member
  * "<rk>SEP<pattern>SEP<queue>" names our queue. Events and replies are fire and forget, as with kombu: what is
  * published while the connection is down is dropped. Revoked ids are not kept on AMQP (no Redis here). */
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -220,6 +221,9 @@ static bool alive(struct amqp_bus *b, double now)
 {
     if (!b->st || !heartbeat_missed(b, now))
         return b->st != NULL;
+    struct pollfd pfd = {amqp_get_sockfd(b->st), POLLIN, 0};
+    if (poll(&pfd, 1, 0) > 0)
+        b->last_rx = now; /* heartbeats are read without being handed out: readable is the sign of life */
     drain(b);
     if (b->st && heartbeat_missed(b, now_s())) {
         char why[96];
