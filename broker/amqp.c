@@ -649,9 +649,15 @@ static const char *amqp_queue_name(const struct broker *base, size_t i, bool *co
     return b->queues[i];
 }
 
+static bool amqp_delivery_lost(const struct broker *base, const struct broker_delivery *d)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    return !b->st || strtoul(d->tag, NULL, 10) != b->gen; /* tags are "<generation>.<delivery tag>" */
+}
+
 static const struct broker_ops amqp_ops = {
     amqp_close,        amqp_pollfds,      amqp_process,    amqp_flush,           amqp_connected,       amqp_tick,
     amqp_next_tick_ms, amqp_should_fetch, amqp_fetch,      amqp_pause,           amqp_fetch_in_flight, amqp_pending,
     amqp_ack,          amqp_requeue,      amqp_defer,      amqp_restore_visible, amqp_errstr,          amqp_add_queue,
-    amqp_cancel_queue, amqp_queue_count,  amqp_queue_name,
+    amqp_cancel_queue, amqp_queue_count,  amqp_queue_name, amqp_delivery_lost,
 };

@@ -82,6 +82,10 @@ struct broker_delivery {
 void broker_delivery_free(struct broker_delivery *d); /* frees d and what it owns */
 /* The message's identity across broker_defer: msg_id when set, else the tag. Borrowed from d. */
 const char *broker_delivery_identity(const struct broker_delivery *d);
+/* Whether the broker has taken d back by itself: AMQP requeues what a lost connection held, so a delivery of
+ * an earlier connection will come again (and can no longer be acked). Never on Redis, where an unacked record
+ * outlives connections. d borrowed. */
+bool broker_delivery_lost(const struct broker *b, const struct broker_delivery *d);
 
 struct broker_handlers {
     /* Takes ownership of d. Called from broker_process, in pop order. */

@@ -1121,9 +1121,16 @@ static void redis_pause(struct broker *base)
     (void)base;
 }
 
+/* An unacked record outlives connections: nothing is taken back behind the worker's back. */
+static bool redis_delivery_lost(const struct broker *base, const struct broker_delivery *d)
+{
+    (void)base, (void)d;
+    return false;
+}
+
 static const struct broker_ops redis_ops = {
     redis_close, redis_pollfds, redis_process, redis_flush, redis_connected, redis_tick, redis_next_tick_ms,
     redis_should_fetch, redis_fetch, redis_pause, redis_fetch_in_flight, redis_pending, redis_ack, redis_requeue,
     redis_defer, redis_restore_visible, redis_errstr, redis_add_queue, redis_cancel_queue, redis_queue_count,
-    redis_queue_name,
+    redis_queue_name, redis_delivery_lost,
 };

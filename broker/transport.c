@@ -117,6 +117,11 @@ const char *broker_queue_name(const struct broker *b, size_t i, bool *consumed)
     return b->ops->queue_name(b, i, consumed);
 }
 
+bool broker_delivery_lost(const struct broker *b, const struct broker_delivery *d)
+{
+    return b->ops->delivery_lost(b, d);
+}
+
 struct bus *bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err, size_t errlen)
 {
     return ep->kind == BROKER_AMQP ? amqp_bus_open(ep, opt, err, errlen) : redis_bus_open(ep, opt, err, errlen);

@@ -1689,6 +1689,36 @@ static void install_signals(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
+/* Drops the jobs not yet handed to a process whose message the broker takes back itself when the connection
+ * is lost (AMQP: the unacked messages of a closed channel are requeued, and delivered again). Keeping them
+ * would run those tasks twice; stock Celery clears its reserved requests and ETA timer then too. */
+static struct job_list drop_lost(struct consumer *c, struct job_list *l, bool counted)
+{
+    struct job_list keep = {0};
+    struct job *j;
+    while ((j = list_pop(l))) {
+        if (broker_delivery_lost(c->broker, j->delivery)) {
+            c->held -= counted;
+            job_free(j);
+        } else {
+            list_push(&keep, j);
+        }
+    }
+    return keep;
+}
+
+static void drop_lost_jobs(struct consumer *c)
+{
+    c->ready = drop_lost(c, &c->ready, true);
+    c->throttled = drop_lost(c, &c->throttled, true);
+    size_t before = c->eta.n;
+    for (size_t i = c->eta.n; i-- > 0;)
+        if (broker_delivery_lost(c->broker, c->eta.v[i]->delivery))
+            job_free(eta_remove(&c->eta, i));
+    if (before != c->eta.n)
+        log_info("Dropped %zu held ETA task(s): the broker delivers them again", before - c->eta.n);
+}
+
 static void begin_warm_shutdown(struct consumer *c)
 {
     c->stopping = true;
@@ -1955,6 +1985,8 @@ int consumer_run(const struct config *cfg)
         bool up = broker_connected(c->broker);
         if (up && !c->broker_was_up)
             c->broker_reconnects++;
+        if (!up && c->broker_was_up)
+            drop_lost_jobs(c);
         c->broker_was_up = up;
         bus_tick(c->bus, now);
         if (c->backend)

@@ -232,12 +232,20 @@ def test_warm_shutdown_returns_prefetched(amqp_app, workers, rabbit, queue):
 def test_worker_survives_a_broker_restart(amqp_app, workers, rabbit, queue):
     w = start(workers, rabbit, queue)
     assert amqp_app.tasks["native.add"].delay(1, 2).get(timeout=TIMEOUT) == 3
+    # Held (unacked) when the connection goes: the broker delivers it again, so the worker must let go of its
+    # copy, or it would run twice.
+    eta = amqp_app.tasks["native.add"].apply_async((7, 7), countdown=4)
+    wait_until(lambda: f"native.add[{eta.id}] received" in w.log(), what="the ETA task to be held")
     rabbit.restart()
     wait_until(lambda: w.log().count("Connected to amqp://") >= 2, timeout=max(TIMEOUT, 60),
                what="celeriac to reconnect")
     assert amqp_app.tasks["native.add"].delay(2, 2).get(timeout=TIMEOUT) == 4
     r = chain(sig(amqp_app, "native.add", 1, 1), sig(amqp_app, "native.add", 1)).delay()
     assert r.get(timeout=TIMEOUT) == 3  # pool children reopen their producer connection too
+    assert eta.get(timeout=TIMEOUT) == 14
+    time.sleep(0.5)
+    assert w.log().count(f"native.add[{eta.id}] succeeded") == 1
+    assert "Dropped 1 held ETA task(s)" in w.log()
     assert w.running()
 
 
