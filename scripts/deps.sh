@@ -15,11 +15,12 @@ bench_pkgs="python3-sqlalchemy"
 case "${1:-build}" in
   build) want="$build_pkgs" ;;
   demo)  want="$build_pkgs $run_pkgs" ;;
-  test)  want="$build_pkgs $run_pkgs $test_pkgs $pg_pkgs $rabbit_pkgs" ;;
-  bench) want="$build_pkgs $run_pkgs $pg_pkgs $bench_pkgs $rabbit_pkgs" ;;
+  test)  want="$build_pkgs $run_pkgs $test_pkgs $pg_pkgs" ;;
+  bench) want="$build_pkgs $run_pkgs $pg_pkgs $bench_pkgs" ;;
   *) echo "usage: $0 build|demo|test|bench" >&2; exit 2 ;;
 esac
 
+case "${1:-build}" in test | bench) want="$want $rabbit_pkgs" ;; esac
 missing=""
 for p in $want; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -33,14 +34,13 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "celeriac: installing$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
 # policy-rc.d keeps the packaged services (redis-server, rabbitmq-server, epmd) from starting on their default
 # ports: tests start their own. Docker images ship one; where there is none, one is put there for the install.
-own_policy=""
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
   chmod +x /usr/sbin/policy-rc.d
-  own_policy=1
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 fi
+apt-get update -qq
+# policy-rc.d keeps the packaged redis-server service from starting on the default port: tests start their own.
 apt-get install -y -qq $missing >/dev/null
-if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
