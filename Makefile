@@ -26,12 +26,13 @@ test:
 	@cd build-asan && ctest --output-on-failure -L unit
 	@CELERIAC_BIN=build-asan/celeriac $(PYTHON) -m pytest -q tests/integration
 
-# Three scripts, each comparing celeriac (this release build) with the stock worker in the same run.
+# Four scripts, each comparing celeriac (this release build) with the stock worker in the same run.
 bench: build
 	@scripts/deps.sh bench
 	@$(PYTHON) bench/run.py
 	@CELERIAC_BIN=build/celeriac $(PYTHON) bench/workflows.py
 	@CELERIAC_BIN=build/celeriac $(PYTHON) bench/pg.py
+	@CELERIAC_BIN=build/celeriac $(PYTHON) bench/rabbitmq.py
 
 clean:
 	rm -rf build build-asan

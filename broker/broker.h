@@ -16,7 +16,14 @@
  *    only if their unacked record still exists, so a message is never restored twice.
  *  - defer (ETA tasks over the worker's cap) puts a message back unchanged at the far end of the priority list
  *    it came from, with the same guard.
- * Redis >= 6.2 is required (RPOP with a count, CLIENT TRACKING). */
+ * Redis >= 6.2 is required (RPOP with a count, CLIENT TRACKING).
+ *
+ * AMQP transport (amqp.c, RabbitMQ), picked by an endpoint of kind BROKER_AMQP (transport.h has the ops table
+ * both fill): messages are pushed by the broker within a basic.qos window that broker_fetch moves; ack is
+ * basic.ack (coalesced per pass), requeue is basic.reject(requeue), defer publishes the message again to its
+ * queue and acks the original; deliveries reach on_deliver as the same kombu envelope the Redis transport
+ * hands over, so the worker decodes one format. There is no visibility timeout: the broker requeues what a
+ * lost connection held. The result backend is Redis whatever the transport. */
 #ifndef CELERIAC_BROKER_H
 #define CELERIAC_BROKER_H
 
@@ -24,15 +31,28 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-/* Where a Redis server is. All strings borrowed; they must outlive the object opened with it. */
+/* Which transport an endpoint names: broker_open and bus_open pick the implementation from it. */
+enum broker_kind { BROKER_REDIS = 0, BROKER_AMQP };
+
+/* Where a broker (Redis or RabbitMQ) is. All strings borrowed; they must outlive the object opened with it. */
 struct broker_endpoint {
     const char *host;     /* NULL when socket is set */
     int port;
-    const char *socket;   /* unix socket path, or NULL */
+    const char *socket;   /* unix socket path, or NULL (Redis only) */
     const char *username; /* ACL user, or NULL */
     const char *password; /* or NULL */
     int db;
     const char *display;  /* the URL with the password redacted, for log lines */
+    /* AMQP only (kind BROKER_AMQP; see amqp_broker.h for the URL that fills them). */
+    enum broker_kind kind;
+    const char *vhost;            /* "/" by default */
+    bool tls;                     /* amqps:// */
+    const char *ssl_ca_certs;     /* named after Celery's broker_use_ssl keys; NULL: none */
+    const char *ssl_certfile;
+    const char *ssl_keyfile;
+    bool ssl_verify;              /* ssl_cert_reqs=CERT_REQUIRED (the default when ssl_ca_certs is set) */
+    int heartbeat;                /* seconds; 0: none */
+    int queue_max_priority;       /* x-max-priority for the queues the worker creates; 0: none */
 };
 
 /* Where the broker's log lines go: level as in worker/config.h (10 debug .. 50 critical); line borrowed. */
@@ -55,9 +75,17 @@ struct broker_delivery {
     char *raw;    /* owned: the message exactly as it was in the list */
     size_t len;
     int queue;    /* index into the queue names given to broker_open */
-    int priority; /* the priority step (0, 3, 6 or 9) of the list it was taken from */
+    int priority; /* the priority step (0, 3, 6 or 9) of the list it was taken from; AMQP: the property */
+    char *msg_id; /* owned or NULL: what identifies the message when it comes round again after broker_defer,
+                   * where the tag does not (AMQP: a new delivery tag each time; this is the correlation id) */
 };
 void broker_delivery_free(struct broker_delivery *d); /* frees d and what it owns */
+/* The message's identity across broker_defer: msg_id when set, else the tag. Borrowed from d. */
+const char *broker_delivery_identity(const struct broker_delivery *d);
+/* Whether the broker has taken d back by itself: AMQP requeues what a lost connection held, so a delivery of
+ * an earlier connection will come again (and can no longer be acked). Never on Redis, where an unacked record
+ * outlives connections. d borrowed. */
+bool broker_delivery_lost(const struct broker *b, const struct broker_delivery *d);
 
 struct broker_handlers {
     /* Takes ownership of d. Called from broker_process, in pop order. */
@@ -92,8 +120,13 @@ int broker_next_tick_ms(const struct broker *b, double now);
 
 /* Whether a fetch should be issued now: none is in flight and the queues may hold messages. */
 bool broker_should_fetch(const struct broker *b);
-/* Issues one fetch of up to max messages; deliveries arrive through on_deliver. */
+/* Issues one fetch of up to max messages; deliveries arrive through on_deliver. On AMQP this moves the
+ * basic.qos window by max, which may be negative (the window shrinks back when held ETA tasks leave); Redis
+ * ignores max <= 0. */
 void broker_fetch(struct broker *b, int max);
+/* Stops taking messages (a warm shutdown begins): on AMQP the consumers are cancelled, so the broker stops
+ * pushing; on Redis nothing is needed (fetches are pulled). */
+void broker_pause(struct broker *b);
 /* Number of messages the fetch in flight may still deliver (counts against prefetch). */
 int broker_fetch_in_flight(const struct broker *b);
 /* Commands issued (acks, requeues, ...) whose replies have not come yet, or that are not even sent yet. A warm

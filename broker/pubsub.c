@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "rconn.h"
+#include "transport.h"
 
 #define BACKOFF_MIN 0.1
 #define BACKOFF_MAX 5.0
@@ -25,7 +26,8 @@ static const char deliver_script[] =
     "end\n"
     "return n\n";
 
-struct bus {
+struct redis_bus {
+    struct bus base;                  /* first: see transport.h */
     const struct broker_endpoint *ep; /* borrowed */
     struct bus_options opt;           /* strings borrowed */
     struct rconn sub, cmd;
@@ -37,7 +39,7 @@ static void on_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
 {
     (void)c;
     (void)steal;
-    struct bus *b = arg;
+    struct redis_bus *b = arg;
     /* ["pmessage", pattern, channel, data]; subscription confirmations are ignored. */
     if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 4 || r->element[0]->type != REDIS_REPLY_STRING ||
         strcmp(r->element[0]->str, "pmessage") != 0 || r->element[2]->type != REDIS_REPLY_STRING ||
@@ -46,7 +48,7 @@ static void on_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
     b->opt.on_message(b->opt.arg, r->element[2]->str, r->element[3]->str, r->element[3]->len);
 }
 
-static int connect_bus(struct bus *b, int timeout_ms)
+static int connect_bus(struct redis_bus *b, int timeout_ms)
 {
     if (rconn_open(&b->cmd, "pubsub", b->ep, timeout_ms) < 0)
         return -1;
@@ -66,7 +68,7 @@ static int connect_bus(struct bus *b, int timeout_ms)
     return 0;
 }
 
-static void lost(struct bus *b, const char *why)
+static void lost(struct redis_bus *b, const char *why)
 {
     rconn_log(&b->cmd, BROKER_LOG_ERROR, "pubsub: connection lost (%s); reconnecting", why);
     rconn_close(&b->sub);
@@ -75,24 +77,30 @@ static void lost(struct bus *b, const char *why)
     b->next_reconnect = rconn_epoch() + b->backoff;
 }
 
-struct bus *bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err, size_t errlen)
+static const struct bus_ops redis_bus_ops;
+static void redis_bus_close(struct bus *base);
+
+struct bus *redis_bus_open(const struct broker_endpoint *ep, const struct bus_options *opt, char *err,
+                           size_t errlen)
 {
-    struct bus *b = calloc(1, sizeof *b);
+    struct redis_bus *b = calloc(1, sizeof *b);
     if (!b)
         abort();
+    b->base.ops = &redis_bus_ops;
     b->ep = ep;
     b->opt = *opt;
     b->sub.log = b->cmd.log = opt->log;
     if (connect_bus(b, 5000) < 0) {
         snprintf(err, errlen, "%s", b->cmd.errstr);
-        bus_close(b);
+        redis_bus_close(&b->base);
         return NULL;
     }
-    return b;
+    return &b->base;
 }
 
-void bus_close(struct bus *b)
+static void redis_bus_close(struct bus *base)
 {
+    struct redis_bus *b = (struct redis_bus *)base;
     if (!b)
         return;
     if (rconn_connected(&b->cmd) && b->opt.binding_key && b->opt.binding_member) {
@@ -112,18 +120,21 @@ void bus_close(struct bus *b)
     free(b);
 }
 
-bool bus_connected(const struct bus *b)
+static bool redis_bus_connected(const struct bus *base)
 {
+    const struct redis_bus *b = (const struct redis_bus *)base;
     return rconn_connected(&b->sub) && rconn_connected(&b->cmd);
 }
 
-unsigned long bus_reconnects(const struct bus *b)
+static unsigned long redis_bus_reconnects(const struct bus *base)
 {
+    const struct redis_bus *b = (const struct redis_bus *)base;
     return b->reconnects;
 }
 
-int bus_pollfds(struct bus *b, struct pollfd *fds, int max)
+static int redis_bus_pollfds(struct bus *base, struct pollfd *fds, int max)
 {
+    struct redis_bus *b = (struct redis_bus *)base;
     int n = 0;
     struct rconn *cs[] = {&b->sub, &b->cmd};
     for (size_t i = 0; i < 2 && n < max; i++)
@@ -132,8 +143,9 @@ int bus_pollfds(struct bus *b, struct pollfd *fds, int max)
     return n;
 }
 
-void bus_process(struct bus *b, const struct pollfd *fds, int n)
+static void redis_bus_process(struct bus *base, const struct pollfd *fds, int n)
 {
+    struct redis_bus *b = (struct redis_bus *)base;
     struct rconn *cs[] = {&b->sub, &b->cmd};
     for (size_t k = 0; k < 2; k++) {
         struct rconn *c = cs[k];
@@ -151,8 +163,9 @@ void bus_process(struct bus *b, const struct pollfd *fds, int n)
     }
 }
 
-void bus_flush(struct bus *b)
+static void redis_bus_flush(struct bus *base)
 {
+    struct redis_bus *b = (struct redis_bus *)base;
     struct rconn *cs[] = {&b->sub, &b->cmd};
     for (size_t k = 0; k < 2; k++) {
         if (rconn_connected(cs[k]) && rconn_flush(cs[k]) < 0) {
@@ -164,9 +177,10 @@ void bus_flush(struct bus *b)
     }
 }
 
-void bus_tick(struct bus *b, double now)
+static void redis_bus_tick(struct bus *base, double now)
 {
-    if (bus_connected(b) || now < b->next_reconnect)
+    struct redis_bus *b = (struct redis_bus *)base;
+    if (redis_bus_connected(&b->base) || now < b->next_reconnect)
         return;
     rconn_close(&b->sub);
     rconn_close(&b->cmd);
@@ -181,30 +195,35 @@ void bus_tick(struct bus *b, double now)
     b->next_reconnect = now + b->backoff;
 }
 
-int bus_next_tick_ms(const struct bus *b, double now)
+static int redis_bus_next_tick_ms(const struct bus *base, double now)
 {
-    if (bus_connected(b))
+    const struct redis_bus *b = (const struct redis_bus *)base;
+    if (redis_bus_connected(&b->base))
         return 1000;
     double ms = (b->next_reconnect - now) * 1000.0;
     return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms + 1;
 }
 
-void bus_publish(struct bus *b, const char *channel, const char *data, size_t len)
+static void redis_bus_publish(struct bus *base, const char *channel, const char *data, size_t len)
 {
+    struct redis_bus *b = (struct redis_bus *)base;
     if (rconn_connected(&b->cmd))
         rconn_command(&b->cmd, NULL, NULL, "PUBLISH %s %b", channel, data, len);
 }
 
-void bus_deliver_direct(struct bus *b, const char *binding_key, const char *routing_key, const char *data,
-                        size_t len)
+static void redis_bus_deliver_direct(struct bus *base, const char *binding_key, const char *routing_key,
+                                     const char *data, size_t len)
 {
+    struct redis_bus *b = (struct redis_bus *)base;
     if (rconn_connected(&b->cmd))
         rconn_command(&b->cmd, NULL, NULL, "EVAL %s 1 %s %s %b", deliver_script, binding_key, routing_key, data,
                       len);
 }
 
-void bus_revoked_add(struct bus *b, const char *key, const char *id, double now, double ttl, long max)
+static void redis_bus_revoked_add(struct bus *base, const char *key, const char *id, double now, double ttl,
+                                  long max)
 {
+    struct redis_bus *b = (struct redis_bus *)base;
     if (!rconn_connected(&b->cmd))
         return;
     rconn_command(&b->cmd, NULL, NULL, "ZADD %s NX %.6f %s", key, now, id);
@@ -213,8 +232,10 @@ void bus_revoked_add(struct bus *b, const char *key, const char *id, double now,
     rconn_command(&b->cmd, NULL, NULL, "EXPIRE %s %ld", key, (long)ttl);
 }
 
-long bus_revoked_load(struct bus *b, const char *key, double now, double ttl, bus_revoked_fn fn, void *arg)
+static long redis_bus_revoked_load(struct bus *base, const char *key, double now, double ttl, bus_revoked_fn fn,
+                                   void *arg)
 {
+    struct redis_bus *b = (struct redis_bus *)base;
     redisReply *r = rconn_call(&b->cmd, "ZRANGEBYSCORE %s %.6f +inf WITHSCORES", key, now - ttl);
     long n = -1;
     if (r && r->type == REDIS_REPLY_ARRAY) {
@@ -230,3 +251,9 @@ long bus_revoked_load(struct bus *b, const char *key, double now, double ttl, bu
         freeReplyObject(r);
     return n;
 }
+
+static const struct bus_ops redis_bus_ops = {
+    redis_bus_close, redis_bus_pollfds, redis_bus_process, redis_bus_flush, redis_bus_connected,
+    redis_bus_tick, redis_bus_next_tick_ms, redis_bus_reconnects, redis_bus_publish, redis_bus_deliver_direct,
+    redis_bus_revoked_add, redis_bus_revoked_load,
+};

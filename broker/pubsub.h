@@ -1,5 +1,7 @@
 /* pubsub: kombu's fanout exchanges on Redis (protocol doc 3.7, 9.1): the remote-control channel
- * (`celery.pidbox`) and events (`celeryev`), plus the replies to control commands.
+ * (`celery.pidbox`) and events (`celeryev`), plus the replies to control commands. On an AMQP endpoint the
+ * same interface is served by amqp_bus.c with real exchanges (protocol doc 4); its DESIGN says how the
+ * Redis-shaped arguments map over. What follows describes the Redis implementation (pubsub.c).
  *
  * DESIGN. Main process only, driven by its poll loop like the rest of broker/. Two connections: one
  * PSUBSCRIBEd (a subscribed Redis connection can run nothing else) and one for commands (PUBLISH of events,

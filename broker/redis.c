@@ -10,6 +10,7 @@
 
 #include "broker.h"
 #include "rconn.h"
+#include "transport.h"
 
 #define SEP "\x06\x16"
 #define MAX_FETCH 1000 /* the script unpacks 2 values per message; Lua's stack allows ~8000 */
@@ -17,7 +18,7 @@
 
 /* One fetch in flight. */
 struct fetch {
-    struct broker *b;
+    struct redis_broker *b;
     int requested;
     unsigned long wake_seq; /* invalidations seen when it was sent */
     size_t nq;              /* queues it asked (the consumed ones when it was sent) */
@@ -180,7 +181,8 @@ static void tagset_free(struct tagset *t)
     memset(t, 0, sizeof *t);
 }
 
-struct broker {
+struct redis_broker {
+    struct broker base;      /* first: see transport.h */
     const struct broker_endpoint *ep; /* borrowed */
     struct rconn main;       /* scripts, acks, restores */
     double next_reconnect, backoff;
@@ -219,7 +221,7 @@ struct broker {
     char errstr[256];
 };
 
-static int load_script(struct broker *b, const char *src, char *sha)
+static int load_script(struct redis_broker *b, const char *src, char *sha)
 {
     redisReply *r = rconn_call(&b->main, "SCRIPT LOAD %s", src);
     int rc = -1;
@@ -235,7 +237,7 @@ static int load_script(struct broker *b, const char *src, char *sha)
     return rc;
 }
 
-static bool is_queue_key(const struct broker *b, const char *key, size_t len)
+static bool is_queue_key(const struct redis_broker *b, const char *key, size_t len)
 {
     for (size_t i = 0; i < b->nqueues * NPRIO; i++)
         if (b->active[i / NPRIO] && strlen(b->keys[i]) == len && memcmp(b->keys[i], key, len) == 0)
@@ -249,7 +251,7 @@ static void on_wake_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
 {
     (void)c;
     (void)steal;
-    struct broker *b = arg;
+    struct redis_broker *b = arg;
     if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 3 || r->element[0]->type != REDIS_REPLY_STRING ||
         strcmp(r->element[0]->str, "message") != 0)
         return;
@@ -266,7 +268,7 @@ static void on_wake_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
 
 /* Queue names that are a prefix of another would make Redis refuse the tracking prefixes as overlapping;
  * the shorter one covers both. */
-static bool prefix_covered(const struct broker *b, size_t i)
+static bool prefix_covered(const struct redis_broker *b, size_t i)
 {
     for (size_t j = 0; j < b->nqueues; j++) {
         if (j == i || !b->active[j])
@@ -278,7 +280,7 @@ static bool prefix_covered(const struct broker *b, size_t i)
     return false;
 }
 
-static void setup_tracking(struct broker *b, const struct broker_endpoint *ep)
+static void setup_tracking(struct redis_broker *b, const struct broker_endpoint *ep)
 {
     b->tracking = b->tracking_on = false;
     rconn_close(&b->wake);
@@ -354,11 +356,11 @@ static char *json_escaped(const char *s)
     return dumped;
 }
 
-static void send_acks(struct broker *b);
+static void send_acks(struct redis_broker *b);
 
 /* Opens the connections and makes them ready to consume: scripts loaded (a restarted Redis has forgotten
  * them), wake-up channel set up, acks that never got their reply sent again (acking twice is harmless). */
-static int connect_broker(struct broker *b, int timeout_ms)
+static int connect_broker(struct redis_broker *b, int timeout_ms)
 {
     if (rconn_open(&b->main, "broker", b->ep, timeout_ms) < 0)
         return -1;
@@ -376,7 +378,7 @@ static int connect_broker(struct broker *b, int timeout_ms)
     return 0;
 }
 
-static void lost(struct broker *b, const char *why)
+static void lost(struct redis_broker *b, const char *why)
 {
     if (why != b->errstr) /* callers pass b->errstr itself at times: snprintf may not copy onto its source */
         snprintf(b->errstr, sizeof b->errstr, "%s", why);
@@ -388,17 +390,23 @@ static void lost(struct broker *b, const char *why)
     b->next_reconnect = rconn_epoch() + b->backoff;
 }
 
-bool broker_connected(const struct broker *b)
+static bool redis_connected(const struct broker *base)
 {
+    const struct redis_broker *b = (const struct redis_broker *)base;
     return rconn_connected(&b->main);
 }
 
-struct broker *broker_open(const struct broker_endpoint *ep, const struct broker_options *opt,
-                           const struct broker_handlers *h, void *arg, char *err, size_t errlen)
+static const struct broker_ops redis_ops;
+static void redis_close(struct broker *base);
+static int redis_restore_visible(struct broker *base, double now);
+
+struct broker *redis_broker_open(const struct broker_endpoint *ep, const struct broker_options *opt,
+                                 const struct broker_handlers *h, void *arg, char *err, size_t errlen)
 {
-    struct broker *b = calloc(1, sizeof *b);
+    struct redis_broker *b = calloc(1, sizeof *b);
     if (!b)
         abort();
+    b->base.ops = &redis_ops;
     b->h = *h;
     b->arg = arg;
     b->ep = ep;
@@ -428,18 +436,19 @@ struct broker *broker_open(const struct broker_endpoint *ep, const struct broker
     }
     double now = rconn_epoch();
     b->next_poll = now + POLL_FALLBACK_S;
-    if (broker_restore_visible(b, now) < 0) {
+    if (redis_restore_visible(&b->base, now) < 0) {
         snprintf(err, errlen, "%s", b->errstr);
         goto fail;
     }
-    return b;
+    return &b->base;
 fail:
-    broker_close(b);
+    redis_close(&b->base);
     return NULL;
 }
 
-void broker_close(struct broker *b)
+static void redis_close(struct broker *base)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     if (!b)
         return;
     b->ep = NULL; /* closing for good: batches still in flight are freed, not queued again */
@@ -472,16 +481,24 @@ void broker_delivery_free(struct broker_delivery *d)
         return;
     free(d->tag);
     free(d->raw);
+    free(d->msg_id);
     free(d);
 }
 
-const char *broker_errstr(const struct broker *b)
+const char *broker_delivery_identity(const struct broker_delivery *d)
 {
+    return d->msg_id ? d->msg_id : d->tag;
+}
+
+static const char *redis_errstr(const struct broker *base)
+{
+    const struct redis_broker *b = (const struct redis_broker *)base;
     return b->errstr[0] ? b->errstr : b->main.errstr;
 }
 
-int broker_pollfds(struct broker *b, struct pollfd *fds, int max)
+static int redis_pollfds(struct broker *base, struct pollfd *fds, int max)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     int n = 0;
     if (n < max && rconn_connected(&b->main))
         fds[n++] = (struct pollfd){rconn_fd(&b->main), POLLIN | (rconn_wants_write(&b->main) ? POLLOUT : 0), 0};
@@ -490,7 +507,7 @@ int broker_pollfds(struct broker *b, struct pollfd *fds, int max)
     return n;
 }
 
-static int process_conn(struct broker *b, struct rconn *c, const struct pollfd *fds, int n)
+static int process_conn(struct redis_broker *b, struct rconn *c, const struct pollfd *fds, int n)
 {
     for (int i = 0; i < n; i++) {
         if (fds[i].fd != rconn_fd(c) || !fds[i].revents)
@@ -507,8 +524,9 @@ broken:
     return -1;
 }
 
-int broker_process(struct broker *b, const struct pollfd *fds, int n)
+static int redis_process(struct broker *base, const struct pollfd *fds, int n)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     if (rconn_connected(&b->main) && process_conn(b, &b->main, fds, n) < 0) {
         lost(b, b->errstr);
         return 0;
@@ -523,12 +541,12 @@ int broker_process(struct broker *b, const struct pollfd *fds, int n)
 }
 
 struct ack_batch {
-    struct broker *b;
+    struct redis_broker *b;
     char **tags; /* owned */
     size_t n;
 };
 
-static void push_ack(struct broker *b, char *tag)
+static void push_ack(struct redis_broker *b, char *tag)
 {
     if (b->nacks == b->cap_acks) {
         b->cap_acks = b->cap_acks ? b->cap_acks * 2 : 256;
@@ -557,7 +575,7 @@ static void on_acked(struct rconn *c, redisReply *r, void *arg, bool *steal)
     free(batch);
 }
 
-static void send_acks(struct broker *b)
+static void send_acks(struct redis_broker *b)
 {
     if (!b->nacks || !rconn_connected(&b->main))
         return;
@@ -582,8 +600,9 @@ static void send_acks(struct broker *b)
     free(lens);
 }
 
-int broker_flush(struct broker *b)
+static int redis_flush(struct broker *base)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     send_acks(b);
     if (rconn_connected(&b->main) && rconn_flush(&b->main) < 0)
         lost(b, b->main.errstr);
@@ -594,7 +613,7 @@ int broker_flush(struct broker *b)
  * well within every visibility timeout, so no kombu consumer restores them while we are alive and a long
  * task is not run twice (celery #2599, kombu #337). Once we die the scores age and they become restorable
  * as usual. ZADD XX: a record acked meanwhile is not brought back. */
-static void refresh_held(struct broker *b, double now)
+static void refresh_held(struct redis_broker *b, double now)
 {
     double period = b->visibility_timeout / 4;
     b->next_refresh = now + (period < 0.25 ? 0.25 : period > 30 ? 30 : period);
@@ -623,14 +642,15 @@ static void refresh_held(struct broker *b, double now)
     free(lens);
 }
 
-void broker_tick(struct broker *b, double now)
+static void redis_tick(struct broker *base, double now)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     if (!rconn_connected(&b->main)) {
         if (now < b->next_reconnect)
             return;
         if (connect_broker(b, 1000) == 0) {
             rconn_log(&b->main, BROKER_LOG_WARNING, "consumer: Reconnected to %s; consuming again", b->ep->display);
-            broker_restore_visible(b, now);
+            redis_restore_visible(&b->base, now);
             return;
         }
         b->backoff = b->backoff < BACKOFF_MIN ? BACKOFF_MIN : b->backoff * 2;
@@ -649,11 +669,12 @@ void broker_tick(struct broker *b, double now)
     if (now >= b->next_refresh)
         refresh_held(b, now);
     if (now >= b->next_restore)
-        broker_restore_visible(b, now);
+        redis_restore_visible(&b->base, now);
 }
 
-int broker_next_tick_ms(const struct broker *b, double now)
+static int redis_next_tick_ms(const struct broker *base, double now)
 {
+    const struct redis_broker *b = (const struct redis_broker *)base;
     double next = b->next_poll < b->next_restore ? b->next_poll : b->next_restore;
     if (b->next_refresh < next)
         next = b->next_refresh;
@@ -663,18 +684,21 @@ int broker_next_tick_ms(const struct broker *b, double now)
     return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms + 1;
 }
 
-bool broker_should_fetch(const struct broker *b)
+static bool redis_should_fetch(const struct broker *base)
 {
+    const struct redis_broker *b = (const struct redis_broker *)base;
     return b->fetches < MAX_FETCHES && b->maybe_ready && rconn_connected(&b->main);
 }
 
-int broker_fetch_in_flight(const struct broker *b)
+static int redis_fetch_in_flight(const struct broker *base)
 {
+    const struct redis_broker *b = (const struct redis_broker *)base;
     return b->fetch_requested;
 }
 
-size_t broker_pending(const struct broker *b)
+static size_t redis_pending(const struct broker *base)
 {
+    const struct redis_broker *b = (const struct redis_broker *)base;
     return rconn_connected(&b->main) ? rconn_pending(&b->main) + b->nacks : 0;
 }
 
@@ -683,7 +707,7 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
     (void)c;
     (void)steal;
     struct fetch *f = arg;
-    struct broker *b = f->b;
+    struct redis_broker *b = f->b;
     int requested = f->requested;
     b->fetch_requested -= requested;
     b->fetches--;
@@ -740,8 +764,9 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
     free(f);
 }
 
-void broker_fetch(struct broker *b, int max)
+static void redis_fetch(struct broker *base, int max)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     if (max <= 0 || b->fetches >= MAX_FETCHES)
         return;
     if (max > MAX_FETCH)
@@ -801,8 +826,9 @@ void broker_fetch(struct broker *b, int max)
     free(lens);
 }
 
-void broker_ack(struct broker *b, const char *tag)
+static void redis_ack(struct broker *base, const char *tag)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     if (!tagset_remove(&b->held, tag))
         return; /* requeued or acked already: acking twice would be harmless, but it is a bug upstream */
     push_ack(b, strdup(tag));
@@ -837,7 +863,7 @@ static char *mark_redelivered(const char *raw, size_t len)
     return out;
 }
 
-static void restore_to(struct broker *b, const char *tag, const char *payload, size_t payload_len,
+static void restore_to(struct redis_broker *b, const char *tag, const char *payload, size_t payload_len,
                        const char *const *queues, size_t nqueues, const char *end, bool wait)
 {
     size_t argc = 3 + 2 + nqueues + 3;
@@ -871,8 +897,9 @@ static void restore_to(struct broker *b, const char *tag, const char *payload, s
     free(lens);
 }
 
-void broker_requeue(struct broker *b, const struct broker_delivery *d)
+static void redis_requeue(struct broker *base, const struct broker_delivery *d)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     if (!tagset_remove(&b->held, d->tag))
         return;
     char *payload = mark_redelivered(d->raw, d->len);
@@ -881,8 +908,9 @@ void broker_requeue(struct broker *b, const struct broker_delivery *d)
     free(payload);
 }
 
-void broker_defer(struct broker *b, const struct broker_delivery *d)
+static void redis_defer(struct broker *base, const struct broker_delivery *d)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     if (!tagset_remove(&b->held, d->tag))
         return;
     /* Back where a publisher would have put it: its own priority list, at the far end, unchanged (not
@@ -895,7 +923,7 @@ void broker_defer(struct broker *b, const struct broker_delivery *d)
 /* The queues a kombu record [message, exchange, routing_key] goes back to: the routing key itself for the
  * default exchange, else the queues bound to the exchange with that routing key. Caller frees each and the
  * array. */
-static size_t route_record(struct broker *b, const char *exchange, const char *routing_key, char ***out)
+static size_t route_record(struct redis_broker *b, const char *exchange, const char *routing_key, char ***out)
 {
     *out = NULL;
     if (!exchange[0]) {
@@ -922,7 +950,7 @@ static size_t route_record(struct broker *b, const char *exchange, const char *r
     return n;
 }
 
-static int restore_one(struct broker *b, const char *tag)
+static int restore_one(struct redis_broker *b, const char *tag)
 {
     redisReply *r = rconn_call(&b->main, "HGET unacked %s", tag);
     if (!r)
@@ -966,8 +994,9 @@ out:
     return restored;
 }
 
-int broker_restore_visible(struct broker *b, double now)
+static int redis_restore_visible(struct broker *base, double now)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     double period = b->visibility_timeout < 60 ? b->visibility_timeout : 60;
     b->next_restore = now + (period < 1 ? 1 : period);
     if (!rconn_connected(&b->main))
@@ -1008,7 +1037,7 @@ int broker_restore_visible(struct broker *b, double now)
 
 /* The tracking prefixes follow the consumed queues: switched off, then set up again from scratch (Redis refuses
  * prefixes that overlap ones already registered). Blocking for a round trip or two: control commands only. */
-static void retrack(struct broker *b)
+static void retrack(struct redis_broker *b)
 {
     b->maybe_ready = true; /* a queue just added may hold messages */
     if (!rconn_connected(&b->main))
@@ -1020,8 +1049,9 @@ static void retrack(struct broker *b)
         setup_tracking(b, b->ep);
 }
 
-int broker_add_queue(struct broker *b, const char *queue)
+static int redis_add_queue(struct broker *base, const char *queue)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     for (size_t q = 0; q < b->nqueues; q++) {
         if (strcmp(b->queues[q], queue) == 0) {
             if (!b->active[q]) {
@@ -1059,8 +1089,9 @@ int broker_add_queue(struct broker *b, const char *queue)
     return 0;
 }
 
-int broker_cancel_queue(struct broker *b, const char *queue)
+static int redis_cancel_queue(struct broker *base, const char *queue)
 {
+    struct redis_broker *b = (struct redis_broker *)base;
     for (size_t q = 0; q < b->nqueues; q++) {
         if (strcmp(b->queues[q], queue) == 0 && b->active[q]) {
             b->active[q] = false;
@@ -1071,13 +1102,35 @@ int broker_cancel_queue(struct broker *b, const char *queue)
     return -1;
 }
 
-size_t broker_queue_count(const struct broker *b)
+static size_t redis_queue_count(const struct broker *base)
 {
+    const struct redis_broker *b = (const struct redis_broker *)base;
     return b->nqueues;
 }
 
-const char *broker_queue_name(const struct broker *b, size_t i, bool *consumed)
+static const char *redis_queue_name(const struct broker *base, size_t i, bool *consumed)
 {
+    const struct redis_broker *b = (const struct redis_broker *)base;
     *consumed = b->active[i];
     return b->queues[i];
 }
+
+/* Fetches are pulled (broker_fetch), so there is nothing to stop. */
+static void redis_pause(struct broker *base)
+{
+    (void)base;
+}
+
+/* An unacked record outlives connections: nothing is taken back behind the worker's back. */
+static bool redis_delivery_lost(const struct broker *base, const struct broker_delivery *d)
+{
+    (void)base, (void)d;
+    return false;
+}
+
+static const struct broker_ops redis_ops = {
+    redis_close, redis_pollfds, redis_process, redis_flush, redis_connected, redis_tick, redis_next_tick_ms,
+    redis_should_fetch, redis_fetch, redis_pause, redis_fetch_in_flight, redis_pending, redis_ack, redis_requeue,
+    redis_defer, redis_restore_visible, redis_errstr, redis_add_queue, redis_cancel_queue, redis_queue_count,
+    redis_queue_name, redis_delivery_lost,
+};

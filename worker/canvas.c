@@ -101,6 +101,13 @@ static void outbox_free(struct outbox *ob)
  * a fresh one (a Redis restart between tasks): a message may then go out twice, never not at all. */
 static int outbox_flush(const struct canvas_env *env, struct outbox *ob, char *err, size_t errlen)
 {
+    if (env->publish) { /* AMQP: each envelope carries its routing key and priority; the keys are Redis's */
+        int rc = 0;
+        for (size_t i = 0; i < ob->n && rc == 0; i++)
+            rc = env->publish(env->arg, ob->msgs[i].data, ob->msgs[i].len, err, errlen);
+        outbox_free(ob);
+        return rc;
+    }
     int rc = ob->n ? -1 : 0;
     for (int attempt = 0; attempt < 2 && rc < 0; attempt++) {
         redisContext *c = env->broker(env->arg, err, errlen);

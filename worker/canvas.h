@@ -33,6 +33,9 @@ struct canvas_env {
     /* Replies still owed on the backend connection for commands sent without waiting (the clean-up after a
      * chord fired); the backend getter reads them before handing the connection out again. */
     int *backend_unread;
+    /* Set when the broker is not Redis (AMQP): sends one message (a kombu envelope, borrowed) instead of the
+     * LPUSH on broker(); returns 0 or -1 with err filled. NULL: Redis. */
+    int (*publish)(void *arg, const char *msg, size_t len, char *err, size_t errlen);
 };
 
 /* Stores doc as the task's result (SETEX or SET, then PUBLISH, as every state is stored), synchronously.

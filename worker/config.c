@@ -11,6 +11,7 @@
  * empty environment variable counts as unset (click). */
 #include "config.h"
 
+#include "amqp_broker.h"
 #include "buf.h"
 
 #include <limits.h>
@@ -106,9 +107,8 @@ static const struct {
     {"error", LOG_ERROR}, {"fatal", LOG_CRITICAL}, {"critical", LOG_CRITICAL},
 };
 
-/* Broker schemes known to Celery that celeriac has no transport for yet. When broker/amqp.c lands, its
- * schemes leave this list and check_url() hands them to that transport's own URL check. */
-static const char *const pending_broker_schemes[] = {"amqp", "amqps", "pyamqp", "librabbitmq"};
+/* Broker schemes known to Celery that celeriac has no transport for. AMQP URLs go to broker/amqp.h's check. */
+static const char *const pending_broker_schemes[] = {"sqs", "qpid"};
 
 /* Like every allocation in this program, failure aborts (see buf.h). Caller frees with free(). */
 static char *dup_n(const char *s, size_t n)
@@ -406,6 +406,12 @@ static int check_url(const struct option_spec *o, const char *v, const char *src
         if (span_is(v, slen, pending_broker_schemes[i]))
             return fail(err, errlen, "%s: %s:// brokers are not supported yet; use redis:// or redis+socket://", src,
                         pending_broker_schemes[i]);
+    if (broker && amqp_url_is(v)) {
+        struct amqp_url a;
+        int rc = amqp_url_parse(v, &a, why, sizeof why);
+        amqp_url_clear(&a);
+        return rc < 0 ? fail(err, errlen, "%s: %s", src, why) : 0;
+    }
     if (parse_url_as(broker ? "broker" : "result backend", v, &u, why, sizeof why) < 0)
         return fail(err, errlen, "%s: %s", src, why);
     redis_url_clear(&u);

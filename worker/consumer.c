@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "amqp_broker.h"
 #include "broker.h"
 #include "buf.h"
 #include "control.h"
@@ -109,6 +110,7 @@ struct consumer {
     const struct config *cfg;
     struct broker_endpoint broker_ep, backend_ep;
     struct redis_url broker_url, backend_url;
+    struct amqp_url broker_amqp; /* an amqp:// broker's URL (broker_ep points into it); else empty */
     char *broker_display, *backend_display;
     struct broker *broker;
     struct backend *backend; /* NULL: results are not stored (no result backend configured) */
@@ -123,7 +125,7 @@ struct consumer {
     size_t nlimits;
     struct eta_heap eta;   /* ETA jobs not yet due (unacked, but not counted in `held`: stock Celery raises its
                             * prefetch count by one for each, so they do not hold up the queue) */
-    char *scan_mark;       /* owned: tag of the first over-cap ETA message returned in this scan, or NULL */
+    char *scan_mark;       /* owned: identity of the first over-cap ETA message returned in this scan, or NULL */
     long scan_returned;    /* messages returned to the queue in this scan */
     double scan_started;   /* epoch seconds of the first of them */
     double fetch_paused_until; /* epoch seconds: no fetch before this (a scan just went round) */
@@ -633,7 +635,7 @@ static void eta_return(struct consumer *c, struct job *j)
     }
     broker_defer(c->broker, j->delivery);
     if (!c->scan_mark) {
-        c->scan_mark = strdup(j->delivery->tag);
+        c->scan_mark = strdup(broker_delivery_identity(j->delivery));
         if (!c->scan_mark)
             abort();
         /* Returned in the fetch that ended the last scan, it starts this one, which only goes on once the
@@ -699,7 +701,7 @@ static void on_deliver(void *arg, struct broker_delivery *d)
     j->expires = INFINITY;
     c->broker_progress = j->received = epoch_now();
     c->held++;
-    eta_scan_check(c, d->tag);
+    eta_scan_check(c, broker_delivery_identity(d));
     if (c->stopping) {
         /* Fetched after the shutdown began: straight back where it came from. */
         broker_requeue(c->broker, d);
@@ -1239,6 +1241,7 @@ static json_t *cmd_stats(struct consumer *c, const json_t *args)
     char clock[32], vhost[16];
     snprintf(clock, sizeof clock, "%lld", c->clock); /* a string in stats, an int in clock (doc 11.12) */
     snprintf(vhost, sizeof vhost, "%d", c->broker_url.db);
+    bool amqp = c->broker_ep.kind == BROKER_AMQP;
     json_t *pids = json_array();
     for (int i = 0; i < pool_capacity(c->pool); i++)
         if (pool_child_alive(c->pool, i))
@@ -1251,9 +1254,10 @@ static json_t *cmd_stats(struct consumer *c, const json_t *args)
         "pool", "max-concurrency", pool_size(c->pool), "processes", pids, "max-tasks-per-child", mtpc,
         "put-guarded-by-semaphore", 0, "timeouts", c->cfg->soft_time_limit, c->cfg->time_limit, "writes",
         "broker", "hostname", c->broker_url.host ? c->broker_url.host : c->broker_url.socket, "userid",
-        c->broker_url.username, "virtual_host", vhost, "port", c->broker_url.port, "insist", 0, "ssl", 0, "transport",
-        c->broker_url.socket ? "redis+socket" : "redis", "connect_timeout", 4, "transport_options", "login_method",
-        "uri_prefix", "heartbeat", 120.0, "failover_strategy", "round-robin", "alternates", "prefetch_count",
+        c->broker_url.username, "virtual_host", amqp ? c->broker_ep.vhost : vhost, "port", c->broker_url.port, "insist",
+        0, "ssl", amqp && c->broker_ep.tls, "transport",
+        amqp ? "amqp" : c->broker_url.socket ? "redis+socket" : "redis", "connect_timeout", 4, "transport_options",
+        "login_method", "uri_prefix", "heartbeat", 120.0, "failover_strategy", "round-robin", "alternates", "prefetch_count",
         c->prefetch, "rusage", control_rusage());
     if (!out)
         abort();
@@ -1279,10 +1283,10 @@ static json_t *cmd_report(struct consumer *c, const json_t *args)
     struct buf text = {0};
     buf_printf(&text,
                "software -> celeriac:%s (speaks Celery 5.2.6's protocol) kombu-redis\n"
-               "platform -> system:Linux impl:C\nloader -> none (native tasks)\nsettings -> transport:redis "
+               "platform -> system:Linux impl:C\nloader -> none (native tasks)\nsettings -> transport:%s "
                "results:%s\n\nbroker_url: '%s'\nresult_backend: %s\n",
-               CELERIAC_VERSION, c->backend ? "redis" : "disabled", c->broker_display,
-               c->backend_display ? c->backend_display : "None");
+               CELERIAC_VERSION, c->broker_ep.kind == BROKER_AMQP ? "amqp" : "redis", c->backend ? "redis" : "disabled",
+               c->broker_display, c->backend_display ? c->backend_display : "None");
     json_t *out = json_pack("{s:s}", "ok", text.data);
     buf_free(&text);
     return out;
@@ -1758,13 +1762,23 @@ static void on_http(void *arg, const char *path, struct buf *body, int *status, 
 
 /* ------------------------------------------------------------------ set-up */
 
-static int endpoint_from_url(const char *url, struct redis_url *u, struct broker_endpoint *ep, char **display,
-                             char *err, size_t errlen)
+static int endpoint_from_url(const char *url, struct redis_url *u, struct amqp_url *a, struct broker_endpoint *ep,
+                             char **display, char *err, size_t errlen)
 {
+    if (a && amqp_url_is(url)) {
+        if (amqp_url_parse(url, a, err, errlen) < 0)
+            return -1;
+        *display = redis_url_redact(url);
+        amqp_url_endpoint(a, *display, ep);
+        /* stats reads the host and user from u; the vhost is not a db number (0 there). */
+        *u = (struct redis_url){strdup(a->host), a->port, NULL, strdup(a->username ? a->username : "guest"), NULL, 0};
+        return 0;
+    }
     if (redis_url_parse(url, u, err, errlen) < 0)
         return -1;
     *display = redis_url_redact(url);
-    *ep = (struct broker_endpoint){u->host, u->port, u->socket, u->username, u->password, u->db, *display};
+    *ep = (struct broker_endpoint){.host = u->host, .port = u->port, .socket = u->socket, .username = u->username,
+                                   .password = u->password, .db = u->db, .display = *display};
     return 0;
 }
 
@@ -1787,9 +1801,40 @@ static void install_signals(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
+/* Drops the jobs not yet handed to a process whose message the broker takes back itself when the connection
+ * is lost (AMQP: the unacked messages of a closed channel are requeued, and delivered again). Keeping them
+ * would run those tasks twice; stock Celery clears its reserved requests and ETA timer then too. */
+static struct job_list drop_lost(struct consumer *c, struct job_list *l, bool counted)
+{
+    struct job_list keep = {0};
+    struct job *j;
+    while ((j = list_pop(l))) {
+        if (broker_delivery_lost(c->broker, j->delivery)) {
+            c->held -= counted;
+            job_free(j);
+        } else {
+            list_push(&keep, j);
+        }
+    }
+    return keep;
+}
+
+static void drop_lost_jobs(struct consumer *c)
+{
+    c->ready = drop_lost(c, &c->ready, true);
+    c->throttled = drop_lost(c, &c->throttled, true);
+    size_t before = c->eta.n;
+    for (size_t i = c->eta.n; i-- > 0;)
+        if (broker_delivery_lost(c->broker, c->eta.v[i]->delivery))
+            job_free(eta_remove(&c->eta, i));
+    if (before != c->eta.n)
+        log_info("Dropped %zu held ETA task(s): the broker delivers them again", before - c->eta.n);
+}
+
 static void begin_warm_shutdown(struct consumer *c)
 {
     c->stopping = true;
+    broker_pause(c->broker); /* AMQP: the broker stops pushing messages (Redis: nothing to do) */
     log_warning("worker: Warm shutdown (MainProcess)");
     /* Held ETA jobs go back too, as stock Celery restores them (they were never counted in held); first, so
      * that the prefetched ones, which are due now, end up nearest the consuming end. */
@@ -1845,10 +1890,11 @@ int consumer_run(const struct config *cfg)
     if (c->prefetch <= 0)
         c->prefetch = 1 << 30; /* Celery: a multiplier of 0 means no limit */
 
-    if (endpoint_from_url(cfg->broker_url, &c->broker_url, &c->broker_ep, &c->broker_display, err, sizeof err) < 0)
+    if (endpoint_from_url(cfg->broker_url, &c->broker_url, &c->broker_amqp, &c->broker_ep, &c->broker_display, err,
+                          sizeof err) < 0)
         goto fail_config;
     if (cfg->result_backend &&
-        endpoint_from_url(cfg->result_backend, &c->backend_url, &c->backend_ep, &c->backend_display, err,
+        endpoint_from_url(cfg->result_backend, &c->backend_url, NULL, &c->backend_ep, &c->backend_display, err,
                           sizeof err) < 0)
         goto fail_config;
 
@@ -1970,7 +2016,9 @@ int consumer_run(const struct config *cfg)
         /* The whole budget in one fetch (splitting it measured slower); a second fetch can go out while one
          * is in flight when early acks have freed budget meanwhile. */
         int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
-        if (!c->stopping && budget > 0 && now >= c->fetch_paused_until && broker_should_fetch(c->broker))
+        if (now < c->fetch_paused_until) /* AMQP: the window closes for the pause (Redis: no fetch, as < 0) */
+            budget = -broker_fetch_in_flight(c->broker);
+        if (!c->stopping && budget != 0 && broker_should_fetch(c->broker))
             broker_fetch(c->broker, budget);
         notice_started(c);
         if (now >= c->next_heartbeat) {
@@ -2063,12 +2111,15 @@ int consumer_run(const struct config *cfg)
         now = epoch_now();
         if (c->http)
             http_process(c->http, fds + hfirst, n > 0 ? hcount : 0, now);
-        if (broker_fetch_in_flight(c->broker) == 0)
+        /* On AMQP the window stays open while the queues are idle (the broker pushes): no fetch to stall. */
+        if (broker_fetch_in_flight(c->broker) == 0 || c->broker_ep.kind == BROKER_AMQP)
             c->broker_progress = now;
         broker_tick(c->broker, now);
         bool up = broker_connected(c->broker);
         if (up && !c->broker_was_up)
             c->broker_reconnects++;
+        if (!up && c->broker_was_up)
+            drop_lost_jobs(c);
         c->broker_was_up = up;
         bus_tick(c->bus, now);
         if (c->backend)
@@ -2129,6 +2180,7 @@ out:
     for (size_t i = 0; i < COST_SLOTS; i++)
         free(c->costs[i].name);
     redis_url_clear(&c->broker_url);
+    amqp_url_clear(&c->broker_amqp);
     redis_url_clear(&c->backend_url);
     free(c->broker_display);
     free(c->backend_display);

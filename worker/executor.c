@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <time.h>
 
+#include "amqp_broker.h"
 #include "canvas.h"
 #include "log.h"
 #include "message.h"
@@ -31,6 +32,7 @@ struct executor {
     struct executor_options opt;
     redisContext *conn;         /* the broker's Redis: opened on first use, reopened after an error */
     redisContext *backend_conn; /* the result backend: the same */
+    struct amqp_producer *producer; /* an AMQP broker's (opt.redis of kind BROKER_AMQP): the same */
     int backend_unread;         /* replies owed on backend_conn (see canvas_env) */
     struct canvas_env canvas;
     char last_id[256];          /* the id of the message last run */
@@ -76,6 +78,29 @@ static redisContext *canvas_backend(void *arg, char *err, size_t errlen)
     return c && !c->err ? c : connection(&ex->backend_conn, ex->opt.backend, err, errlen);
 }
 
+/* canvas_env.publish on an AMQP broker: one retry on a fresh connection (a broker restart between tasks), so a
+ * message may go out twice, never not at all, as with the Redis outbox. */
+static int canvas_publish(void *arg, const char *msg, size_t len, char *err, size_t errlen)
+{
+    struct executor *ex = arg;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (!ex->producer)
+            ex->producer = amqp_producer_open(ex->opt.redis, err, errlen);
+        if (!ex->producer)
+            continue;
+        if (amqp_producer_publish(ex->producer, msg, len, err, errlen) == 0)
+            return 0;
+        amqp_producer_close(ex->producer);
+        ex->producer = NULL;
+    }
+    return -1;
+}
+
+static bool broker_is_amqp(const struct executor_options *opt)
+{
+    return opt->redis && opt->redis->kind == BROKER_AMQP;
+}
+
 struct executor *executor_new(const struct executor_options *opt)
 {
     struct executor *ex = calloc(1, sizeof *ex);
@@ -83,7 +108,8 @@ struct executor *executor_new(const struct executor_options *opt)
         abort();
     ex->opt = *opt;
     ex->canvas = (struct canvas_env){canvas_broker,     canvas_backend,     ex, opt->hostname, opt->native_queue,
-                                     opt->default_queue, opt->result_expires, &ex->backend_unread};
+                                     opt->default_queue, opt->result_expires, &ex->backend_unread,
+                                     broker_is_amqp(opt) ? canvas_publish : NULL};
     /* No SA_RESTART: a task blocked in a system call (sleep, read) must wake up to notice the limit. */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -101,6 +127,7 @@ void executor_free(struct executor *ex)
         redisFree(ex->conn);
     if (ex->backend_conn)
         redisFree(ex->backend_conn);
+    amqp_producer_close(ex->producer);
     free(ex);
 }
 
@@ -130,7 +157,7 @@ static double monotonic(void)
 static redisContext *task_redis(struct task_ctx *ctx)
 {
     struct executor *ex = ctx->host;
-    if (!ex->opt.redis) {
+    if (!ex->opt.redis || broker_is_amqp(&ex->opt)) {
         task_fail(ctx, "ConnectionError", "this worker has no Redis for tasks (the broker is not Redis)");
         return NULL;
     }

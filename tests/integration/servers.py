@@ -316,6 +316,177 @@ class RedisServer(_Process):
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+def rabbitmq_server_script():
+    """The rabbitmq-server script of Debian's rabbitmq-server package (the one that runs as the caller, not the
+    /usr/sbin wrapper that switches to the rabbitmq user and its /var/lib data), or None."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server"))
+    return found[-1] if found else None
+
+
+class EpmdServer(_Process):
+    """Erlang's port mapper on a private port, in the foreground, so that it is ours to stop by pid (a node
+    started without one would spawn a daemonized epmd that outlives it)."""
+
+    name = "epmd"
+    ready_re = None
+
+    def __init__(self, port, log_dir):
+        super().__init__(log_dir=log_dir)
+        self._own_dir = False
+        self.port = port
+
+    def command(self):
+        return [shutil.which("epmd") or "epmd", "-port", str(self.port), "-address", "127.0.0.1"]
+
+
+class RabbitServer(_Process):
+    """A private RabbitMQ node (Debian's rabbitmq-server package): its own node name, AMQP, distribution and
+    epmd ports (free loopback ports), data and logs in a temp dir, listening on 127.0.0.1 only, guest/guest.
+
+    .start() waits until an AMQP login succeeds; .stop() ends it by pid (SIGTERM: a clean shutdown) and its
+    epmd with it; .restart() brings the same node back (durable queues and persistent messages survive)."""
+
+    name = "rabbitmq"
+
+    def __init__(self, tls=False):
+        self.tmpdir = tempfile.mkdtemp(prefix="celeriac-rabbit-")
+        super().__init__(log_dir=self.tmpdir)
+        self._own_dir = True
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.tls_port = free_port() if tls else None
+        self.epmd = EpmdServer(free_port(), self.tmpdir)
+        self.nodename = f"celeriac{self.port}@localhost"
+        self.conf = os.path.join(self.tmpdir, "rabbitmq.conf")
+        conf = (f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+                "loopback_users.guest = true\n"
+                "log.console = true\nlog.console.level = warning\nlog.file = false\n")
+        if tls:
+            self.certs = self._make_certs()
+            conf += (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
+                     f"ssl_options.cacertfile = {self.certs['ca']}\n"
+                     f"ssl_options.certfile = {self.certs['server_cert']}\n"
+                     f"ssl_options.keyfile = {self.certs['server_key']}\n"
+                     "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n")
+        with open(self.conf, "w") as f:
+            f.write(conf)
+        with open(os.path.join(self.tmpdir, "enabled_plugins"), "w") as f:
+            f.write("[].\n")
+
+    def _make_certs(self):
+        """A throw-away CA, a server certificate for localhost and a client certificate (openssl CLI)."""
+        d = os.path.join(self.tmpdir, "tls")
+        os.makedirs(d)
+        f = {k: os.path.join(d, k + ".pem") for k in ("ca", "ca_key", "server_cert", "server_key", "client_cert",
+                                                      "client_key")}
+
+        def run(*args):
+            subprocess.run(["openssl", *args], check=True, stdin=subprocess.DEVNULL, capture_output=True, cwd=d)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=celeriac test CA",
+            "-keyout", f["ca_key"], "-out", f["ca"])
+        ext = os.path.join(d, "ext.cnf")
+        with open(ext, "w") as e:
+            e.write("subjectAltName = DNS:localhost, IP:127.0.0.1\n")
+        for who, cn in (("server", "localhost"), ("client", "celeriac")):
+            csr = os.path.join(d, who + ".csr")
+            run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f[who + "_key"],
+                "-out", csr)
+            run("x509", "-req", "-in", csr, "-CA", f["ca"], "-CAkey", f["ca_key"], "-CAcreateserial", "-days", "2",
+                "-extfile", ext, "-out", f[who + "_cert"])
+        return f
+
+    def command(self):
+        return [rabbitmq_server_script()]
+
+    def environment(self):
+        env = dict(os.environ)
+        env.update({
+            "HOME": self.tmpdir,  # the Erlang cookie goes here
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd.port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_CONFIG_FILE": self.conf,
+            "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(self.tmpdir, "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": os.path.join(self.tmpdir, "mnesia"),
+            "RABBITMQ_LOG_BASE": os.path.join(self.tmpdir, "log"),
+            "RABBITMQ_PID_FILE": os.path.join(self.tmpdir, "rabbit.pid"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(self.tmpdir, "advanced.config"),
+        })
+        return env
+
+    def cwd(self):
+        return self.tmpdir
+
+    def ready(self):
+        import amqp
+
+        try:
+            c = amqp.Connection(f"127.0.0.1:{self.port}", connect_timeout=1)
+            c.connect()
+            c.close()
+            return True
+        except Exception:
+            return False
+
+    def start(self, timeout=60.0):
+        if rabbitmq_server_script() is None:
+            raise FileNotFoundError("rabbitmq-server not found: install Debian's rabbitmq-server package "
+                                    "(scripts/deps.sh test)")
+        if not self.epmd.running():
+            self.epmd.start()
+            _wait(lambda: not self.epmd.running() or _port_open(self.epmd.port), 10)
+        super().start()
+        _wait(lambda: not self.running() or self.ready(), timeout, interval=0.2)
+        if self.running() and self.ready():
+            return self
+        if self.running():
+            self.stop()
+            raise TimeoutError(f"rabbitmq did not accept AMQP logins within {timeout}s:\n{self.log_tail()}")
+        raise RuntimeError(f"rabbitmq exited with code {self.proc.returncode}:\n{self.log_tail()}")
+
+    def stop(self, sig=signal.SIGTERM, timeout=60.0, keep_epmd=False):
+        rc = super().stop(sig, timeout)
+        if not keep_epmd:
+            self.epmd.stop()
+        return rc
+
+    def restart(self):
+        """Stops the node (clean shutdown) and starts it again on the same ports and data."""
+        self.stop(keep_epmd=True)
+        return self.start()
+
+    def ctl(self, *args, timeout=60):
+        """Runs rabbitmqctl against this node (the package's own script, as the caller: it needs our cookie)."""
+        exe = os.path.join(os.path.dirname(rabbitmq_server_script()), "rabbitmqctl")
+        return subprocess.run([exe, "-n", self.nodename, *args], env=self.environment(), cwd=self.tmpdir,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=True)
+
+    def url(self, vhost="/"):
+        from urllib.parse import quote
+
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{quote(vhost, safe='')}"
+
+    def cleanup(self):
+        super().cleanup()
+        if self.epmd.running():
+            self.epmd.stop()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def celeriac_binary():
     """The celeriac executable: $CELERIAC_BIN (relative paths are taken from the current directory, then
     from the repository root), else build/celeriac in the repository."""

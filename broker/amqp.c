@@ -1,0 +1,663 @@
+/* amqp: the task transport over AMQP 0-9-1 (RabbitMQ), behind broker.h. Main process only.
+ *
+ * DESIGN. One connection; channel 1 consumes every queue (one consumer each, tagged with the queue's index)
+ * and carries acks; channel 2 declares (wire_declare_task_queue). librabbitmq is blocking, so the loop polls
+ * its socket and, when it is readable, drains it with zero timeouts (amqp_simple_wait_frame_noblock) until
+ * nothing is buffered; that same call sends our heartbeats, so broker_tick also drains once a second (twice
+ * with a 1 s heartbeat) whatever the socket says. The broker's missed heartbeats are noticed by the loop
+ * itself (heartbeat_missed): librabbitmq only checks them in a read that may wait.
+ *
+ * Flow control is the broker's: basic.qos bounds the unacked messages, and "fetching" moves that window.
+ * The consumer asks for budget = prefetch - held - in flight, where in flight = window - unacked; with
+ * unacked = held + the ETA tasks it keeps outside prefetch, a window moved by the budget settles at
+ * prefetch + ETA tasks held: what stock Celery's qos.increment_eventually() does for each ETA task (and
+ * decrement once it ran). The window is global to the channel (one limit across the queues, as prefetch is).
+ *
+ * Acks are coalesced per pass: the longest run of acked tags from the oldest unacked one goes out as one
+ * basic.ack(multiple), the others one by one. A lost connection bumps a generation number that is part of
+ * every delivery's tag: acks of the old generation are dropped (the broker requeues those messages itself,
+ * and acking their tags on the new channel would be a channel error). */
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "amqp_wire.h"
+#include "transport.h"
+
+#define BACKOFF_MIN 0.1
+#define BACKOFF_MAX 5.0
+#define CONNECT_TIMEOUT_MS 3000
+#define DRAIN_MAX 4096 /* frames per drain: the loop gets round to the pool between bursts */
+#define QOS_MAX 65535  /* prefetch_count is 16 bits; Celery's unlimited (0) becomes this */
+
+/* A delivery not yet settled, in delivery order (tags grow). */
+struct outstanding {
+    uint64_t tag;
+    bool acked; /* acked by the consumer, not yet sent */
+};
+
+struct amqp_broker {
+    struct broker base;               /* first: see transport.h */
+    const struct broker_endpoint *ep; /* borrowed */
+    struct broker_handlers h;
+    void *arg;
+    broker_log_fn log;
+
+    amqp_connection_state_t st; /* NULL while disconnected */
+    unsigned gen;               /* connection generation, in delivery tags */
+    double next_reconnect, backoff;
+    char errstr[512];
+
+    char **queues; /* owned; a queue keeps its index (its consumer tag) once known */
+    bool *active;  /* consumed now */
+    size_t nqueues;
+
+    int qos;        /* the window asked for; 0: not consuming yet (AMQP's 0 would mean no limit) */
+    bool consuming; /* basic.consume sent on this connection */
+    bool paused;    /* warm shutdown: never consume again */
+    int unacked;    /* delivered on this connection and not settled */
+    struct outstanding *out;
+    size_t nout, capout, nacked;
+
+    struct wire_incoming in;
+    double next_housekeeping; /* epoch seconds: the next drain whether or not the socket is readable */
+    double last_rx;           /* epoch seconds anything (a heartbeat at least) last came from the broker */
+};
+
+static const struct broker_ops amqp_ops;
+
+static double now_s(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + tv.tv_usec / 1e6;
+}
+
+/* Logs "<what><detail><after>". */
+static void log3(struct amqp_broker *b, int level, const char *what, const char *detail, const char *after)
+{
+    if (!b->log)
+        return;
+    char line[700];
+    snprintf(line, sizeof line, "%s%s%s", what, detail, after);
+    b->log(level, line);
+}
+
+/* Drops the connection; broker_tick reconnects with backoff. Unacked messages go back to their queues on
+ * the broker's side. */
+static void lost(struct amqp_broker *b, const char *why)
+{
+    if (why != b->errstr)
+        snprintf(b->errstr, sizeof b->errstr, "%s", why);
+    log3(b, BROKER_LOG_ERROR, "consumer: Connection to broker lost (", b->errstr,
+         "). Trying to re-establish the connection...");
+    wire_close(b->st, false);
+    b->st = NULL;
+    b->gen++;
+    b->consuming = false;
+    b->unacked = 0;
+    b->nout = b->nacked = 0;
+    wire_incoming_clear(&b->in);
+    b->backoff = b->backoff ? b->backoff : BACKOFF_MIN;
+    b->next_reconnect = now_s() + b->backoff;
+}
+
+static int send_qos(struct amqp_broker *b)
+{
+    amqp_basic_qos_t m = {0, (uint16_t)b->qos, 1};
+    int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_QOS_METHOD, &m);
+    if (rc != AMQP_STATUS_OK) {
+        lost(b, amqp_error_string2(rc));
+        return -1;
+    }
+    return 0;
+}
+
+static int consume_one(struct amqp_broker *b, size_t q)
+{
+    char tag[32];
+    snprintf(tag, sizeof tag, "%zu", q);
+    amqp_basic_consume_t m = {
+        0, amqp_cstring_bytes(b->queues[q]), amqp_cstring_bytes(tag), 0, 0, 0, 1, amqp_empty_table};
+    int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_CONSUME_METHOD, &m); /* nowait: no consume-ok */
+    if (rc != AMQP_STATUS_OK) {
+        lost(b, amqp_error_string2(rc));
+        return -1;
+    }
+    return 0;
+}
+
+static int start_consuming(struct amqp_broker *b)
+{
+    if (send_qos(b) < 0)
+        return -1;
+    for (size_t q = 0; q < b->nqueues; q++)
+        if (b->active[q] && consume_one(b, q) < 0)
+            return -1;
+    b->consuming = true;
+    return 0;
+}
+
+/* Connects and declares every consumed queue; consumes at once when a window is set already (a reconnect). */
+static int connect_broker(struct amqp_broker *b)
+{
+    char err[512];
+    b->st = wire_open(b->ep, "celeriac consumer", CONNECT_TIMEOUT_MS, err, sizeof err);
+    if (!b->st) {
+        snprintf(b->errstr, sizeof b->errstr, "%s", err);
+        return -1;
+    }
+    for (size_t q = 0; q < b->nqueues; q++) {
+        if (b->active[q] &&
+            wire_declare_task_queue(b->st, b->queues[q], b->ep->queue_max_priority, err, sizeof err) < 0) {
+            snprintf(b->errstr, sizeof b->errstr, "%s", err);
+            wire_close(b->st, false);
+            b->st = NULL;
+            return -1;
+        }
+    }
+    b->last_rx = now_s();
+    b->next_housekeeping = 0;
+    if (b->qos > 0 && !b->paused && start_consuming(b) < 0)
+        return -1;
+    return 0;
+}
+
+struct broker *amqp_broker_open(const struct broker_endpoint *ep, const struct broker_options *opt,
+                                const struct broker_handlers *h, void *arg, char *err, size_t errlen)
+{
+    struct amqp_broker *b = calloc(1, sizeof *b);
+    if (!b)
+        abort();
+    b->base.ops = &amqp_ops;
+    b->ep = ep;
+    b->h = *h;
+    b->arg = arg;
+    b->log = opt->log;
+    b->nqueues = opt->nqueues;
+    b->queues = calloc(opt->nqueues, sizeof *b->queues);
+    b->active = calloc(opt->nqueues, sizeof *b->active);
+    if (!b->queues || !b->active)
+        abort();
+    for (size_t q = 0; q < opt->nqueues; q++) {
+        b->queues[q] = strdup(opt->queues[q]);
+        b->active[q] = true;
+    }
+    if (connect_broker(b) < 0) {
+        snprintf(err, errlen, "%s", b->errstr);
+        amqp_ops.close(&b->base);
+        return NULL;
+    }
+    return &b->base;
+}
+
+static void send_acks(struct amqp_broker *b);
+
+static void amqp_close(struct broker *base)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    if (b->st)
+        send_acks(b);
+    wire_close(b->st, b->st != NULL);
+    wire_incoming_clear(&b->in);
+    for (size_t q = 0; q < b->nqueues; q++)
+        free(b->queues[q]);
+    free(b->queues);
+    free(b->active);
+    free(b->out);
+    free(b);
+}
+
+static int amqp_pollfds(struct broker *base, struct pollfd *fds, int max)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    if (!b->st || max < 1)
+        return 0;
+    fds[0] = (struct pollfd){amqp_get_sockfd(b->st), POLLIN, 0};
+    return 1;
+}
+
+static void deliver(struct amqp_broker *b)
+{
+    size_t q = (size_t)strtoul(b->in.consumer_tag, NULL, 10);
+    if (q >= b->nqueues) {
+        wire_incoming_clear(&b->in);
+        return; /* not one of our consumers: cannot happen on our own channel */
+    }
+    char tag[48];
+    snprintf(tag, sizeof tag, "%u.%llu", b->gen, (unsigned long long)b->in.delivery_tag);
+    size_t len = 0;
+    char *raw = wire_envelope(&b->in, tag, &len);
+    struct broker_delivery *d = calloc(1, sizeof *d);
+    if (!d || !raw)
+        abort();
+    d->tag = strdup(tag);
+    d->raw = raw;
+    d->len = len;
+    d->queue = (int)q;
+    d->priority = b->in.priority;
+    const char *cid = json_string_value(json_object_get(json_object_get(b->in.props, "properties"), "correlation_id"));
+    d->msg_id = cid ? strdup(cid) : NULL;
+    if (b->nout == b->capout) {
+        b->capout = b->capout ? b->capout * 2 : 256;
+        b->out = realloc(b->out, b->capout * sizeof *b->out);
+        if (!b->out)
+            abort();
+    }
+    b->out[b->nout++] = (struct outstanding){b->in.delivery_tag, false};
+    b->unacked++;
+    wire_incoming_clear(&b->in);
+    b->h.on_deliver(b->arg, d);
+}
+
+static void handle_frame(struct amqp_broker *b, const amqp_frame_t *f)
+{
+    if (f->frame_type == AMQP_FRAME_METHOD) {
+        switch (f->payload.method.id) {
+        case AMQP_BASIC_DELIVER_METHOD: break;
+        case AMQP_CONNECTION_CLOSE_METHOD: {
+            const amqp_connection_close_t *m = f->payload.method.decoded;
+            char why[300];
+            snprintf(why, sizeof why, "connection closed by the broker: %u %.*s", m->reply_code, (int)m->reply_text.len,
+                     (const char *)m->reply_text.bytes);
+            amqp_connection_close_ok_t ok = {0};
+            amqp_send_method(b->st, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+            lost(b, why);
+            return;
+        }
+        case AMQP_CHANNEL_CLOSE_METHOD: {
+            const amqp_channel_close_t *m = f->payload.method.decoded;
+            char why[300];
+            snprintf(why, sizeof why, "channel %u closed by the broker: %u %.*s", f->channel, m->reply_code,
+                     (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+            lost(b, why); /* start over on a fresh connection: the consumers were on it */
+            return;
+        }
+        case AMQP_BASIC_CANCEL_METHOD: lost(b, "the broker cancelled a consumer (queue deleted?)"); return;
+        default: return; /* qos-ok, cancel-ok, ... */
+        }
+    }
+    if (f->channel == WIRE_CH && wire_incoming_feed(&b->in, f) == 1)
+        deliver(b);
+}
+
+/* Whether to read now: the socket polled readable, or librabbitmq holds data or frames already (read by an
+ * RPC, or left by a capped drain), for which the socket will not say. Idle passes thus cost no recv(). */
+static bool want_drain(struct amqp_broker *b, const struct pollfd *fds, int n)
+{
+    if (!b->st)
+        return false;
+    if (amqp_data_in_buffer(b->st) || amqp_frames_enqueued(b->st))
+        return true;
+    int fd = amqp_get_sockfd(b->st);
+    for (int i = 0; i < n; i++) {
+        if (fds[i].fd == fd && fds[i].revents) {
+            b->last_rx = now_s(); /* heartbeats included, which librabbitmq reads without handing them out */
+            return true;
+        }
+    }
+    return false;
+}
+
+/* librabbitmq notices missed heartbeats only while it waits to read, which this loop never does, and a send
+ * made after its deadline has passed can block for good. So the loop keeps its own watch: nothing at all
+ * from the broker for 1.5 heartbeat intervals (RabbitMQ sends one every half interval) means it is gone. */
+static bool heartbeat_missed(const struct amqp_broker *b, double now)
+{
+    int hb = b->st ? amqp_get_heartbeat(b->st) : 0;
+    return hb > 0 && now - b->last_rx > 1.5 * hb;
+}
+
+/* The heartbeats (sent, and checked for, by librabbitmq while it reads) need a read at least this often. */
+static double housekeeping_interval(amqp_connection_state_t st)
+{
+    int hb = amqp_get_heartbeat(st);
+    return hb > 0 && hb < 2 ? hb / 2.0 : 1.0;
+}
+
+/* Reads every frame librabbitmq can hand out without blocking (this also keeps the heartbeats going). */
+static void drain(struct amqp_broker *b)
+{
+    struct timeval zero = {0, 0};
+    for (int i = 0; i < DRAIN_MAX && b->st; i++) {
+        amqp_frame_t f;
+        int rc = amqp_simple_wait_frame_noblock(b->st, &f, &zero);
+        if (rc == AMQP_STATUS_TIMEOUT)
+            break;
+        if (rc != AMQP_STATUS_OK) {
+            lost(b, amqp_error_string2(rc));
+            return;
+        }
+        b->last_rx = now_s();
+        handle_frame(b, &f);
+        if (b->st)
+            amqp_maybe_release_buffers(b->st);
+    }
+}
+
+/* False once the broker missed its heartbeats (see heartbeat_missed), and then the connection is dropped. What
+ * is waiting in the socket is read first: the loop may have been busy elsewhere for a while. */
+static bool alive(struct amqp_broker *b, double now)
+{
+    if (!b->st || !heartbeat_missed(b, now))
+        return b->st != NULL;
+    struct pollfd pfd = {amqp_get_sockfd(b->st), POLLIN, 0};
+    if (poll(&pfd, 1, 0) > 0)
+        b->last_rx = now; /* heartbeats are read without being handed out: readable is the sign of life */
+    drain(b);
+    if (b->st && heartbeat_missed(b, now_s())) {
+        char why[96];
+        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", now_s() - b->last_rx);
+        lost(b, why);
+    }
+    return b->st != NULL;
+}
+
+static int amqp_process(struct broker *base, const struct pollfd *fds, int n)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    if (want_drain(b, fds, n))
+        drain(b);
+    return 0;
+}
+
+static void ack_tag(struct amqp_broker *b, uint64_t tag, bool multiple)
+{
+    int rc = amqp_basic_ack(b->st, WIRE_CH, tag, multiple);
+    if (rc != AMQP_STATUS_OK)
+        lost(b, amqp_error_string2(rc));
+}
+
+/* Sends the acks recorded since the last flush (see DESIGN). */
+static void send_acks(struct amqp_broker *b)
+{
+    if (!b->nacked || !b->st)
+        return;
+    size_t run = 0;
+    while (run < b->nout && b->out[run].acked)
+        run++;
+    if (run)
+        ack_tag(b, b->out[run - 1].tag, true);
+    size_t w = 0;
+    for (size_t i = run; i < b->nout && b->st; i++) {
+        if (b->out[i].acked)
+            ack_tag(b, b->out[i].tag, false);
+        else
+            b->out[w++] = b->out[i];
+    }
+    if (b->st)
+        b->nout = w;
+    b->nacked = 0;
+}
+
+static int amqp_flush(struct broker *base)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    if (b->nacked && alive(b, now_s()))
+        send_acks(b);
+    return 0;
+}
+
+static bool amqp_connected(const struct broker *base)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    return b->st != NULL;
+}
+
+static void amqp_tick(struct broker *base, double now)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    if (b->st && !alive(b, now))
+        return;
+    if (b->st) {
+        if (now >= b->next_housekeeping || want_drain(b, NULL, 0)) {
+            drain(b);
+            b->next_housekeeping = now + (b->st ? housekeeping_interval(b->st) : 0);
+        }
+        return;
+    }
+    if (now < b->next_reconnect)
+        return;
+    if (connect_broker(b) < 0) {
+        b->backoff = b->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : b->backoff * 2;
+        b->next_reconnect = now_s() + b->backoff;
+        log3(b, BROKER_LOG_ERROR, "consumer: Cannot connect to broker: ", b->errstr, ". Trying again...");
+        return;
+    }
+    b->backoff = 0;
+    b->errstr[0] = '\0';
+    log3(b, BROKER_LOG_INFO, "Connected to ", b->ep->display, "");
+}
+
+static int amqp_next_tick_ms(const struct broker *base, double now)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    if (!b->st) {
+        double ms = (b->next_reconnect - now) * 1000.0;
+        return ms <= 0 ? 0 : (int)ms + 1;
+    }
+    if (amqp_data_in_buffer(b->st) || amqp_frames_enqueued(b->st))
+        return 0;
+    double ms = (b->next_housekeeping - now) * 1000.0;
+    return ms <= 0 ? 0 : (int)ms + 1;
+}
+
+static bool amqp_should_fetch(const struct broker *base)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    return b->st && !b->paused;
+}
+
+static void amqp_fetch(struct broker *base, int max)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    if (!b->st || b->paused)
+        return;
+    long want = (long)b->qos + max;
+    want = want < 1 ? 1 : want > QOS_MAX ? QOS_MAX : want;
+    if (want == b->qos && b->consuming)
+        return;
+    b->qos = (int)want;
+    if (!b->consuming)
+        start_consuming(b);
+    else
+        send_qos(b);
+}
+
+static void amqp_pause(struct broker *base)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    b->paused = true;
+    if (!b->st || !b->consuming)
+        return;
+    for (size_t q = 0; q < b->nqueues && b->st; q++) {
+        if (!b->active[q])
+            continue;
+        char tag[32];
+        snprintf(tag, sizeof tag, "%zu", q);
+        amqp_basic_cancel_t m = {amqp_cstring_bytes(tag), 1};
+        int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_CANCEL_METHOD, &m);
+        if (rc != AMQP_STATUS_OK)
+            lost(b, amqp_error_string2(rc));
+    }
+}
+
+static int amqp_fetch_in_flight(const struct broker *base)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    if (!b->st || !b->consuming || b->paused)
+        return 0;
+    return b->qos > b->unacked ? b->qos - b->unacked : 0;
+}
+
+static size_t amqp_pending(const struct broker *base)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    return b->st ? b->nacked : 0;
+}
+
+/* The outstanding entry for a tag of this connection, or NULL (an older connection's, or unknown). */
+static struct outstanding *find_tag(struct amqp_broker *b, const char *tag)
+{
+    char *end;
+    unsigned long gen = strtoul(tag, &end, 10);
+    if (*end != '.' || gen != b->gen || !b->st)
+        return NULL;
+    uint64_t t = strtoull(end + 1, NULL, 10);
+    size_t lo = 0, hi = b->nout; /* tags grow: binary search */
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (b->out[mid].tag < t)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < b->nout && b->out[lo].tag == t ? &b->out[lo] : NULL;
+}
+
+static void amqp_ack(struct broker *base, const char *tag)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    struct outstanding *o = find_tag(b, tag);
+    if (!o || o->acked)
+        return;
+    o->acked = true;
+    b->nacked++;
+    b->unacked--;
+}
+
+/* Settles an entry now (reject, or the ack after a defer): removed so no multiple ack covers it again. */
+static void forget(struct amqp_broker *b, struct outstanding *o)
+{
+    size_t i = (size_t)(o - b->out);
+    memmove(&b->out[i], &b->out[i + 1], (b->nout - i - 1) * sizeof *b->out);
+    b->nout--;
+    b->unacked--;
+}
+
+static void amqp_requeue(struct broker *base, const struct broker_delivery *d)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    struct outstanding *o = find_tag(b, d->tag);
+    if (!o || o->acked)
+        return; /* an older connection's: the broker has put it back already */
+    uint64_t tag = o->tag;
+    forget(b, o);
+    int rc = amqp_basic_reject(b->st, WIRE_CH, tag, 1);
+    if (rc != AMQP_STATUS_OK)
+        lost(b, amqp_error_string2(rc));
+}
+
+/* Back to the far end of its queue: published again (default exchange, the queue's name), then acked. If the
+ * connection breaks in between, the broker requeues the original too: a duplicate, never a loss. */
+static void amqp_defer(struct broker *base, const struct broker_delivery *d)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    struct outstanding *o = find_tag(b, d->tag);
+    if (!o || o->acked)
+        return;
+    char err[256];
+    int rc = wire_publish_envelope(b->st, "", b->queues[d->queue], d->raw, d->len, err, sizeof err);
+    if (rc == -2) {
+        lost(b, err);
+        return;
+    }
+    if (rc < 0) { /* cannot happen for an envelope we built; keep the message rather than lose it */
+        amqp_requeue(base, d);
+        return;
+    }
+    o->acked = true;
+    b->nacked++;
+    b->unacked--;
+}
+
+static int amqp_restore_visible(struct broker *base, double now)
+{
+    (void)base, (void)now;
+    return 0; /* no visibility timeout on AMQP: the broker requeues what a lost connection held */
+}
+
+static const char *amqp_errstr(const struct broker *base)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    return b->errstr;
+}
+
+static int amqp_add_queue(struct broker *base, const char *queue)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    size_t q = 0;
+    while (q < b->nqueues && strcmp(b->queues[q], queue) != 0)
+        q++;
+    if (q < b->nqueues && b->active[q])
+        return 0;
+    if (q == b->nqueues) {
+        b->queues = realloc(b->queues, (q + 1) * sizeof *b->queues);
+        b->active = realloc(b->active, (q + 1) * sizeof *b->active);
+        if (!b->queues || !b->active)
+            abort();
+        b->queues[q] = strdup(queue);
+        b->active[q] = false;
+        b->nqueues++;
+    }
+    if (b->st) {
+        char err[512];
+        if (wire_declare_task_queue(b->st, queue, b->ep->queue_max_priority, err, sizeof err) < 0) {
+            snprintf(b->errstr, sizeof b->errstr, "%s", err);
+            return -1;
+        }
+        b->active[q] = true;
+        if (b->consuming)
+            consume_one(b, q);
+    } else {
+        b->active[q] = true; /* consumed from the next connection on */
+    }
+    return 0;
+}
+
+static int amqp_cancel_queue(struct broker *base, const char *queue)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    for (size_t q = 0; q < b->nqueues; q++) {
+        if (strcmp(b->queues[q], queue) != 0 || !b->active[q])
+            continue;
+        b->active[q] = false;
+        if (b->st && b->consuming) {
+            char tag[32];
+            snprintf(tag, sizeof tag, "%zu", q);
+            amqp_basic_cancel_t m = {amqp_cstring_bytes(tag), 1};
+            int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_CANCEL_METHOD, &m);
+            if (rc != AMQP_STATUS_OK)
+                lost(b, amqp_error_string2(rc));
+        }
+        return 0;
+    }
+    return -1;
+}
+
+static size_t amqp_queue_count(const struct broker *base)
+{
+    return ((const struct amqp_broker *)base)->nqueues;
+}
+
+static const char *amqp_queue_name(const struct broker *base, size_t i, bool *consumed)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    *consumed = b->active[i];
+    return b->queues[i];
+}
+
+static bool amqp_delivery_lost(const struct broker *base, const struct broker_delivery *d)
+{
+    const struct amqp_broker *b = (const struct amqp_broker *)base;
+    return !b->st || strtoul(d->tag, NULL, 10) != b->gen; /* tags are "<generation>.<delivery tag>" */
+}
+
+static const struct broker_ops amqp_ops = {
+    amqp_close,        amqp_pollfds,      amqp_process,    amqp_flush,           amqp_connected,       amqp_tick,
+    amqp_next_tick_ms, amqp_should_fetch, amqp_fetch,      amqp_pause,           amqp_fetch_in_flight, amqp_pending,
+    amqp_ack,          amqp_requeue,      amqp_defer,      amqp_restore_visible, amqp_errstr,          amqp_add_queue,
+    amqp_cancel_queue, amqp_queue_count,  amqp_queue_name, amqp_delivery_lost,
+};

@@ -1,0 +1,892 @@
+/* amqp_wire: see amqp_wire.h (and amqp_broker.h for the URL parser and the producer, which live here too). Runs in
+ * the main process (transport, bus) and in pool children (producer), each on its own connections. */
+#include "amqp_wire.h"
+
+#include <amqp_ssl_socket.h>
+#include <amqp_tcp_socket.h>
+#include <ctype.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/time.h>
+
+#include "amqp_broker.h"
+
+/* ------------------------------------------------------------------ base64 (kombu's body_encoding) */
+
+static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static char *b64_encode(const unsigned char *src, size_t n, size_t *outlen)
+{
+    char *out = malloc(4 * ((n + 2) / 3) + 1), *p = out;
+    if (!out)
+        abort();
+    size_t i = 0;
+    for (; i + 2 < n; i += 3) {
+        uint32_t v = (uint32_t)src[i] << 16 | (uint32_t)src[i + 1] << 8 | src[i + 2];
+        *p++ = b64chars[v >> 18];
+        *p++ = b64chars[(v >> 12) & 63];
+        *p++ = b64chars[(v >> 6) & 63];
+        *p++ = b64chars[v & 63];
+    }
+    if (i < n) {
+        uint32_t v = (uint32_t)src[i] << 16 | (i + 1 < n ? (uint32_t)src[i + 1] << 8 : 0);
+        *p++ = b64chars[v >> 18];
+        *p++ = b64chars[(v >> 12) & 63];
+        *p++ = i + 1 < n ? b64chars[(v >> 6) & 63] : '=';
+        *p++ = '=';
+    }
+    *p = '\0';
+    *outlen = (size_t)(p - out);
+    return out;
+}
+
+static int b64_value(unsigned char c)
+{
+    const char *p = c ? strchr(b64chars, c) : NULL;
+    return p ? (int)(p - b64chars) : -1;
+}
+
+/* Decodes into a malloc'd buffer (caller frees); NULL when src is not base64. Whitespace is not allowed, as
+ * kombu never writes any. */
+static unsigned char *b64_decode(const char *src, size_t n, size_t *outlen)
+{
+    while (n && src[n - 1] == '=')
+        n--;
+    unsigned char *out = malloc(n * 3 / 4 + 3), *p = out;
+    if (!out)
+        abort();
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < n; i++) {
+        int v = b64_value((unsigned char)src[i]);
+        if (v < 0) {
+            free(out);
+            return NULL;
+        }
+        acc = acc << 6 | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            *p++ = (unsigned char)(acc >> bits);
+        }
+    }
+    *outlen = (size_t)(p - out);
+    return out;
+}
+
+/* ------------------------------------------------------------------ connections */
+
+static void tv_from_ms(struct timeval *tv, int ms)
+{
+    tv->tv_sec = ms / 1000;
+    tv->tv_usec = (ms % 1000) * 1000;
+}
+
+void wire_reply_str(amqp_rpc_reply_t r, char *err, size_t errlen)
+{
+    switch (r.reply_type) {
+    case AMQP_RESPONSE_NORMAL: snprintf(err, errlen, "%s", ""); break;
+    case AMQP_RESPONSE_NONE: snprintf(err, errlen, "no reply from the broker"); break;
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION: snprintf(err, errlen, "%s", amqp_error_string2(r.library_error)); break;
+    case AMQP_RESPONSE_SERVER_EXCEPTION:
+        if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+            const amqp_connection_close_t *m = r.reply.decoded;
+            snprintf(err, errlen, "connection closed by the broker: %u %.*s", m->reply_code, (int)m->reply_text.len,
+                     (const char *)m->reply_text.bytes);
+        } else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+            const amqp_channel_close_t *m = r.reply.decoded;
+            snprintf(err, errlen, "channel closed by the broker: %u %.*s", m->reply_code, (int)m->reply_text.len,
+                     (const char *)m->reply_text.bytes);
+        } else {
+            snprintf(err, errlen, "unexpected method 0x%08x from the broker", r.reply.id);
+        }
+        break;
+    }
+}
+
+static int rpc_ok(amqp_connection_state_t st, const char *what, char *err, size_t errlen)
+{
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(st);
+    if (r.reply_type == AMQP_RESPONSE_NORMAL)
+        return 0;
+    char why[256];
+    wire_reply_str(r, why, sizeof why);
+    snprintf(err, errlen, "%s: %s", what, why);
+    return -1;
+}
+
+amqp_connection_state_t wire_open(const struct broker_endpoint *ep, const char *name, int timeout_ms, char *err,
+                                  size_t errlen)
+{
+    amqp_connection_state_t st = amqp_new_connection();
+    if (!st)
+        abort();
+    amqp_socket_t *sock = ep->tls ? amqp_ssl_socket_new(st) : amqp_tcp_socket_new(st);
+    if (!sock) {
+        snprintf(err, errlen, "cannot create a%s socket", ep->tls ? " TLS" : "");
+        goto fail;
+    }
+    if (ep->tls) {
+        amqp_ssl_socket_set_verify_peer(sock, ep->ssl_verify);
+        amqp_ssl_socket_set_verify_hostname(sock, ep->ssl_verify);
+        if (ep->ssl_ca_certs && amqp_ssl_socket_set_cacert(sock, ep->ssl_ca_certs) != AMQP_STATUS_OK) {
+            snprintf(err, errlen, "cannot load ssl_ca_certs %s", ep->ssl_ca_certs);
+            goto fail;
+        }
+        if (ep->ssl_certfile &&
+            amqp_ssl_socket_set_key(sock, ep->ssl_certfile, ep->ssl_keyfile ? ep->ssl_keyfile : ep->ssl_certfile) !=
+                AMQP_STATUS_OK) {
+            snprintf(err, errlen, "cannot load ssl_certfile %s / ssl_keyfile %s", ep->ssl_certfile,
+                     ep->ssl_keyfile ? ep->ssl_keyfile : ep->ssl_certfile);
+            goto fail;
+        }
+    }
+    struct timeval tv;
+    tv_from_ms(&tv, timeout_ms);
+    int rc = amqp_socket_open_noblock(sock, ep->host, ep->port, &tv);
+    if (rc != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "cannot connect to %s:%d: %s", ep->host, ep->port, amqp_error_string2(rc));
+        goto fail;
+    }
+    amqp_set_handshake_timeout(st, &tv);
+    amqp_set_rpc_timeout(st, &tv);
+    amqp_table_entry_t props[3] = {
+        {amqp_cstring_bytes("product"), {AMQP_FIELD_KIND_UTF8, {.bytes = amqp_cstring_bytes("celeriac")}}},
+        {amqp_cstring_bytes("version"), {AMQP_FIELD_KIND_UTF8, {.bytes = amqp_cstring_bytes(CELERIAC_VERSION)}}},
+        {amqp_cstring_bytes("connection_name"), {AMQP_FIELD_KIND_UTF8, {.bytes = amqp_cstring_bytes(name)}}},
+    };
+    amqp_table_t ptable = {3, props};
+    amqp_rpc_reply_t r = amqp_login_with_properties(
+        st, ep->vhost ? ep->vhost : "/", 0, AMQP_DEFAULT_FRAME_SIZE, ep->heartbeat, &ptable, AMQP_SASL_METHOD_PLAIN,
+        ep->username ? ep->username : "guest", ep->password ? ep->password : "guest");
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        char why[256];
+        wire_reply_str(r, why, sizeof why);
+        snprintf(err, errlen, "login to %s:%d failed: %s", ep->host, ep->port, why);
+        goto fail;
+    }
+    amqp_channel_open(st, WIRE_CH);
+    if (rpc_ok(st, "channel.open", err, errlen) < 0)
+        goto fail;
+    amqp_channel_open(st, WIRE_DECLARE_CH);
+    if (rpc_ok(st, "channel.open", err, errlen) < 0)
+        goto fail;
+    return st;
+fail:
+    amqp_destroy_connection(st);
+    return NULL;
+}
+
+void wire_close(amqp_connection_state_t st, bool polite)
+{
+    if (!st)
+        return;
+    if (polite) {
+        amqp_channel_close(st, WIRE_CH, AMQP_REPLY_SUCCESS);
+        amqp_connection_close(st, AMQP_REPLY_SUCCESS);
+    }
+    amqp_destroy_connection(st);
+}
+
+/* After a failed RPC on the declare channel: the broker closed it (404 on a passive declare, 406 on a
+ * mismatch); confirm and open it again. Returns 0, or -1 when the connection itself is gone. */
+static int reopen_declare_channel(amqp_connection_state_t st, char *err, size_t errlen)
+{
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(st);
+    if (r.reply_type != AMQP_RESPONSE_SERVER_EXCEPTION || r.reply.id != AMQP_CHANNEL_CLOSE_METHOD)
+        return -1;
+    amqp_channel_close_ok_t ok = {0};
+    if (amqp_send_method(st, WIRE_DECLARE_CH, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok) != AMQP_STATUS_OK)
+        return -1;
+    amqp_channel_open(st, WIRE_DECLARE_CH);
+    return rpc_ok(st, "channel.open", err, errlen);
+}
+
+int wire_declare_exchange(amqp_connection_state_t st, const char *name, const char *type, bool durable, char *err,
+                          size_t errlen)
+{
+    amqp_exchange_declare(st, WIRE_DECLARE_CH, amqp_cstring_bytes(name), amqp_cstring_bytes(type), 0, durable, 0, 0,
+                          amqp_empty_table);
+    char what[300];
+    snprintf(what, sizeof what, "exchange.declare %s", name);
+    if (rpc_ok(st, what, err, errlen) == 0)
+        return 0;
+    reopen_declare_channel(st, err + strlen(err), errlen - strlen(err));
+    return -1;
+}
+
+int wire_declare_task_queue(amqp_connection_state_t st, const char *queue, int max_priority, char *err, size_t errlen)
+{
+    amqp_bytes_t q = amqp_cstring_bytes(queue);
+    amqp_queue_declare(st, WIRE_DECLARE_CH, q, 1, 0, 0, 0, amqp_empty_table);
+    if (amqp_get_rpc_reply(st).reply_type == AMQP_RESPONSE_NORMAL)
+        return 0; /* there already, with whatever arguments its creator chose */
+    if (reopen_declare_channel(st, err, errlen) < 0) {
+        rpc_ok(st, "queue.declare", err, errlen);
+        return -1;
+    }
+    /* Celery's Queue(name, Exchange(name), routing_key=name) for a queue it is told to consume. */
+    if (wire_declare_exchange(st, queue, "direct", true, err, errlen) < 0)
+        return -1;
+    amqp_table_entry_t prio = {amqp_cstring_bytes("x-max-priority"), {AMQP_FIELD_KIND_I32, {.i32 = max_priority}}};
+    amqp_table_t args = {max_priority > 0 ? 1 : 0, &prio};
+    amqp_queue_declare(st, WIRE_DECLARE_CH, q, 0, 1, 0, 0, args);
+    char what[300];
+    snprintf(what, sizeof what, "queue.declare %s", queue);
+    if (rpc_ok(st, what, err, errlen) < 0) {
+        reopen_declare_channel(st, err + strlen(err), errlen - strlen(err));
+        return -1;
+    }
+    amqp_queue_bind(st, WIRE_DECLARE_CH, q, q, q, amqp_empty_table);
+    snprintf(what, sizeof what, "queue.bind %s", queue);
+    return rpc_ok(st, what, err, errlen);
+}
+
+/* ------------------------------------------------------------------ AMQP tables <-> JSON */
+
+static json_t *value_json(const amqp_field_value_t *v);
+
+static json_t *bytes_json(amqp_bytes_t b)
+{
+    json_t *s = json_stringn(b.bytes ? b.bytes : "", b.len);
+    return s ? s : json_null(); /* not UTF-8: py-amqp would not have decoded it as a str either */
+}
+
+static json_t *table_json(const amqp_table_t *t)
+{
+    json_t *o = json_object();
+    for (int i = 0; i < t->num_entries; i++) {
+        char key[256];
+        const amqp_bytes_t *k = &t->entries[i].key;
+        snprintf(key, sizeof key, "%.*s", (int)k->len, (const char *)k->bytes);
+        json_object_set_new(o, key, value_json(&t->entries[i].value));
+    }
+    return o;
+}
+
+static json_t *value_json(const amqp_field_value_t *v)
+{
+    switch (v->kind) {
+    case AMQP_FIELD_KIND_BOOLEAN: return json_boolean(v->value.boolean);
+    case AMQP_FIELD_KIND_I8: return json_integer(v->value.i8);
+    case AMQP_FIELD_KIND_U8: return json_integer(v->value.u8);
+    case AMQP_FIELD_KIND_I16: return json_integer(v->value.i16);
+    case AMQP_FIELD_KIND_U16: return json_integer(v->value.u16);
+    case AMQP_FIELD_KIND_I32: return json_integer(v->value.i32);
+    case AMQP_FIELD_KIND_U32: return json_integer(v->value.u32);
+    case AMQP_FIELD_KIND_I64: return json_integer(v->value.i64);
+    case AMQP_FIELD_KIND_U64: return json_integer((json_int_t)v->value.u64);
+    case AMQP_FIELD_KIND_TIMESTAMP: return json_integer((json_int_t)v->value.u64);
+    case AMQP_FIELD_KIND_F32: return json_real(v->value.f32);
+    case AMQP_FIELD_KIND_F64: return json_real(v->value.f64);
+    case AMQP_FIELD_KIND_DECIMAL: {
+        double d = v->value.decimal.value;
+        for (int i = 0; i < v->value.decimal.decimals; i++)
+            d /= 10;
+        return json_real(d);
+    }
+    case AMQP_FIELD_KIND_UTF8:
+    case AMQP_FIELD_KIND_BYTES: return bytes_json(v->value.bytes);
+    case AMQP_FIELD_KIND_TABLE: return table_json(&v->value.table);
+    case AMQP_FIELD_KIND_ARRAY: {
+        json_t *a = json_array();
+        for (int i = 0; i < v->value.array.num_entries; i++)
+            json_array_append_new(a, value_json(&v->value.array.entries[i]));
+        return a;
+    }
+    default: return json_null(); /* 'V' (None) and anything unknown */
+    }
+}
+
+static amqp_bytes_t pool_string(amqp_pool_t *pool, const char *s, size_t n)
+{
+    amqp_bytes_t b = {n, NULL};
+    if (n) {
+        b.bytes = amqp_pool_alloc(pool, n);
+        if (!b.bytes)
+            abort();
+        memcpy(b.bytes, s, n);
+    }
+    return b;
+}
+
+/* The value py-amqp would write for a JSON value: None as void, ints as 32 or 64 bits, floats as doubles. */
+static void json_value(amqp_pool_t *pool, const json_t *j, amqp_field_value_t *v)
+{
+    switch (json_typeof(j)) {
+    case JSON_TRUE:
+    case JSON_FALSE:
+        v->kind = AMQP_FIELD_KIND_BOOLEAN;
+        v->value.boolean = json_is_true(j);
+        break;
+    case JSON_INTEGER: {
+        json_int_t n = json_integer_value(j);
+        if (n >= INT32_MIN && n <= INT32_MAX) {
+            v->kind = AMQP_FIELD_KIND_I32;
+            v->value.i32 = (int32_t)n;
+        } else {
+            v->kind = AMQP_FIELD_KIND_I64;
+            v->value.i64 = n;
+        }
+        break;
+    }
+    case JSON_REAL:
+        v->kind = AMQP_FIELD_KIND_F64;
+        v->value.f64 = json_real_value(j);
+        break;
+    case JSON_STRING:
+        v->kind = AMQP_FIELD_KIND_UTF8;
+        v->value.bytes = pool_string(pool, json_string_value(j), json_string_length(j));
+        break;
+    case JSON_ARRAY: {
+        size_t n = json_array_size(j);
+        v->kind = AMQP_FIELD_KIND_ARRAY;
+        v->value.array.num_entries = (int)n;
+        v->value.array.entries = n ? amqp_pool_alloc(pool, n * sizeof(amqp_field_value_t)) : NULL;
+        for (size_t i = 0; i < n; i++)
+            json_value(pool, json_array_get(j, i), &v->value.array.entries[i]);
+        break;
+    }
+    case JSON_OBJECT: {
+        size_t n = json_object_size(j), i = 0;
+        v->kind = AMQP_FIELD_KIND_TABLE;
+        v->value.table.num_entries = (int)n;
+        v->value.table.entries = n ? amqp_pool_alloc(pool, n * sizeof(amqp_table_entry_t)) : NULL;
+        const char *k;
+        json_t *e;
+        json_object_foreach((json_t *)j, k, e)
+        {
+            v->value.table.entries[i].key = pool_string(pool, k, strlen(k));
+            json_value(pool, e, &v->value.table.entries[i].value);
+            i++;
+        }
+        break;
+    }
+    default: v->kind = AMQP_FIELD_KIND_VOID; break;
+    }
+}
+
+/* ------------------------------------------------------------------ receiving */
+
+static char *bytes_dup(amqp_bytes_t b)
+{
+    char *s = malloc(b.len + 1);
+    if (!s)
+        abort();
+    if (b.len)
+        memcpy(s, b.bytes, b.len);
+    s[b.len] = '\0';
+    return s;
+}
+
+void wire_incoming_clear(struct wire_incoming *in)
+{
+    free(in->exchange);
+    free(in->routing_key);
+    free(in->consumer_tag);
+    free(in->body);
+    json_decref(in->props);
+    *in = (struct wire_incoming){0};
+}
+
+static void set_str_prop(json_t *o, const char *key, uint32_t flags, uint32_t flag, amqp_bytes_t b)
+{
+    if (flags & flag)
+        json_object_set_new(o, key, bytes_json(b));
+}
+
+int wire_incoming_feed(struct wire_incoming *in, const amqp_frame_t *f)
+{
+    if (f->frame_type == AMQP_FRAME_METHOD && f->payload.method.id == AMQP_BASIC_DELIVER_METHOD) {
+        const amqp_basic_deliver_t *d = f->payload.method.decoded;
+        wire_incoming_clear(in);
+        in->active = true;
+        in->delivery_tag = d->delivery_tag;
+        in->redelivered = d->redelivered;
+        in->exchange = bytes_dup(d->exchange);
+        in->routing_key = bytes_dup(d->routing_key);
+        in->consumer_tag = bytes_dup(d->consumer_tag);
+        return 0;
+    }
+    if (!in->active)
+        return 0;
+    if (f->frame_type == AMQP_FRAME_HEADER) {
+        const amqp_basic_properties_t *p = f->payload.properties.decoded;
+        in->have_header = true;
+        in->body_size = (size_t)f->payload.properties.body_size;
+        in->body = malloc(in->body_size + 1);
+        if (!in->body)
+            abort();
+        json_t *props = json_object();
+        set_str_prop(props, "correlation_id", p->_flags, AMQP_BASIC_CORRELATION_ID_FLAG, p->correlation_id);
+        set_str_prop(props, "reply_to", p->_flags, AMQP_BASIC_REPLY_TO_FLAG, p->reply_to);
+        if (p->_flags & AMQP_BASIC_DELIVERY_MODE_FLAG)
+            json_object_set_new(props, "delivery_mode", json_integer(p->delivery_mode));
+        in->priority = p->_flags & AMQP_BASIC_PRIORITY_FLAG ? p->priority : 0;
+        json_object_set_new(props, "priority", json_integer(in->priority));
+        json_object_set_new(props, "body_encoding", json_string("base64"));
+        json_t *env = json_object();
+        json_object_set_new(env, "content-type",
+                            p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG ? bytes_json(p->content_type)
+                                                                     : json_string("application/json"));
+        json_object_set_new(env, "content-encoding",
+                            p->_flags & AMQP_BASIC_CONTENT_ENCODING_FLAG ? bytes_json(p->content_encoding)
+                                                                         : json_string("utf-8"));
+        json_object_set_new(env, "headers",
+                            p->_flags & AMQP_BASIC_HEADERS_FLAG ? table_json(&p->headers) : json_object());
+        json_object_set_new(env, "properties", props);
+        in->props = env;
+    } else if (f->frame_type == AMQP_FRAME_BODY && in->have_header) {
+        amqp_bytes_t b = f->payload.body_fragment;
+        if (b.len > in->body_size - in->body_len)
+            b.len = in->body_size - in->body_len; /* a broker never sends more; stay in bounds if one did */
+        memcpy(in->body + in->body_len, b.bytes, b.len);
+        in->body_len += b.len;
+    } else {
+        return 0;
+    }
+    return in->have_header && in->body_len == in->body_size;
+}
+
+char *wire_envelope(const struct wire_incoming *in, const char *tag, size_t *len)
+{
+    size_t blen;
+    char *b64 = b64_encode((const unsigned char *)in->body, in->body_len, &blen);
+    json_t *env = json_copy(in->props); /* shallow: only the top level and properties change below */
+    json_t *props = json_copy(json_object_get(env, "properties"));
+    json_object_set_new(props, "delivery_info",
+                        json_pack("{s:s, s:s, s:b}", "exchange", in->exchange, "routing_key", in->routing_key,
+                                  "redelivered", in->redelivered));
+    json_object_set_new(props, "delivery_tag", json_string(tag));
+    json_object_set_new(env, "properties", props);
+    json_object_set_new(env, "body", json_stringn_nocheck(b64, blen));
+    free(b64);
+    char *out = json_dumps(env, JSON_COMPACT);
+    json_decref(env);
+    if (out)
+        *len = strlen(out);
+    return out;
+}
+
+/* ------------------------------------------------------------------ publishing */
+
+static amqp_bytes_t str_bytes(const json_t *o, const char *key, bool *found)
+{
+    const char *s = json_string_value(json_object_get(o, key));
+    *found = s != NULL;
+    return s ? amqp_cstring_bytes(s) : amqp_empty_bytes;
+}
+
+int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, const char *routing_key, const char *data,
+                          size_t len, char *err, size_t errlen)
+{
+    int rc = -1;
+    unsigned char *body = NULL;
+    size_t body_len = 0;
+    amqp_pool_t pool;
+    init_amqp_pool(&pool, 4096);
+    json_t *env = json_loadb(data, len, 0, NULL);
+    const json_t *props = json_object_get(env, "properties");
+    const json_t *info = json_object_get(props, "delivery_info");
+    const char *b = json_string_value(json_object_get(env, "body"));
+    if (!b) {
+        snprintf(err, errlen, "not a kombu envelope (no body)");
+        goto out;
+    }
+    const char *enc = json_string_value(json_object_get(props, "body_encoding"));
+    if (enc && strcmp(enc, "base64") == 0) {
+        body = b64_decode(b, json_string_length(json_object_get(env, "body")), &body_len);
+        if (!body) {
+            snprintf(err, errlen, "the envelope's body is not base64");
+            goto out;
+        }
+    } else {
+        body_len = json_string_length(json_object_get(env, "body"));
+        body = malloc(body_len + 1);
+        if (!body)
+            abort();
+        memcpy(body, b, body_len);
+    }
+    if (!exchange)
+        exchange = json_string_value(json_object_get(info, "exchange"));
+    if (!routing_key)
+        routing_key = json_string_value(json_object_get(info, "routing_key"));
+    amqp_basic_properties_t p = {0};
+    bool found;
+    p.content_type = str_bytes(env, "content-type", &found);
+    p._flags |= found ? AMQP_BASIC_CONTENT_TYPE_FLAG : 0;
+    p.content_encoding = str_bytes(env, "content-encoding", &found);
+    p._flags |= found ? AMQP_BASIC_CONTENT_ENCODING_FLAG : 0;
+    p.correlation_id = str_bytes(props, "correlation_id", &found);
+    p._flags |= found ? AMQP_BASIC_CORRELATION_ID_FLAG : 0;
+    p.reply_to = str_bytes(props, "reply_to", &found);
+    p._flags |= found && p.reply_to.len ? AMQP_BASIC_REPLY_TO_FLAG : 0;
+    const json_t *dm = json_object_get(props, "delivery_mode");
+    p.delivery_mode = json_is_integer(dm) ? (uint8_t)json_integer_value(dm) : 2;
+    p._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
+    const json_t *prio = json_object_get(props, "priority");
+    if (json_is_integer(prio)) {
+        json_int_t v = json_integer_value(prio);
+        p.priority = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+        p._flags |= AMQP_BASIC_PRIORITY_FLAG;
+    }
+    const json_t *headers = json_object_get(env, "headers");
+    if (json_is_object(headers)) {
+        amqp_field_value_t v;
+        json_value(&pool, headers, &v);
+        p.headers = v.value.table;
+        p._flags |= AMQP_BASIC_HEADERS_FLAG;
+    }
+    int st_rc = amqp_basic_publish(st, WIRE_CH, amqp_cstring_bytes(exchange ? exchange : ""),
+                                   amqp_cstring_bytes(routing_key ? routing_key : ""), 0, 0, &p,
+                                   (amqp_bytes_t){body_len, body});
+    if (st_rc != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "basic.publish: %s", amqp_error_string2(st_rc));
+        rc = -2;
+        goto out;
+    }
+    rc = 0;
+out:
+    free(body);
+    json_decref(env);
+    empty_amqp_pool(&pool);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ URLs */
+
+bool amqp_url_is(const char *url)
+{
+    static const char *const schemes[] = {"amqp://", "amqps://", "pyamqp://", "librabbitmq://"};
+    for (size_t i = 0; i < sizeof schemes / sizeof *schemes; i++)
+        if (strncasecmp(url, schemes[i], strlen(schemes[i])) == 0)
+            return true;
+    return false;
+}
+
+/* Percent-decodes s[0..n) into a new string. NULL on a bad escape. */
+static char *pct_decode(const char *s, size_t n)
+{
+    char *out = malloc(n + 1), *p = out;
+    if (!out)
+        abort();
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '%') {
+            if (i + 2 >= n + 0 || !isxdigit((unsigned char)s[i + 1]) || !isxdigit((unsigned char)s[i + 2])) {
+                free(out);
+                return NULL;
+            }
+            char hex[3] = {s[i + 1], s[i + 2], 0};
+            *p++ = (char)strtol(hex, NULL, 16);
+            i += 2;
+        } else {
+            *p++ = s[i];
+        }
+    }
+    *p = '\0';
+    return out;
+}
+
+void amqp_url_clear(struct amqp_url *u)
+{
+    free(u->host);
+    free(u->username);
+    free(u->password);
+    free(u->vhost);
+    free(u->ssl_ca_certs);
+    free(u->ssl_certfile);
+    free(u->ssl_keyfile);
+    *u = (struct amqp_url){0};
+}
+
+static int parse_int(const char *s, int lo, int hi, int *out)
+{
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || v < lo || v > hi)
+        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_query(struct amqp_url *u, const char *q, char *why, size_t whylen)
+{
+    bool verify_set = false;
+    while (*q) {
+        size_t n = strcspn(q, "&");
+        const char *eq = memchr(q, '=', n);
+        if (!eq) {
+            snprintf(why, whylen, "query parameter '%.*s' has no value", (int)n, q);
+            return -1;
+        }
+        char key[64];
+        snprintf(key, sizeof key, "%.*s", (int)(eq - q), q);
+        char *val = pct_decode(eq + 1, (size_t)(q + n - eq - 1));
+        if (!val) {
+            snprintf(why, whylen, "bad percent escape in %s", key);
+            return -1;
+        }
+        int rc = 0;
+        if (strcmp(key, "ssl_ca_certs") == 0) {
+            free(u->ssl_ca_certs);
+            u->ssl_ca_certs = val, val = NULL;
+        } else if (strcmp(key, "ssl_certfile") == 0) {
+            free(u->ssl_certfile);
+            u->ssl_certfile = val, val = NULL;
+        } else if (strcmp(key, "ssl_keyfile") == 0) {
+            free(u->ssl_keyfile);
+            u->ssl_keyfile = val, val = NULL;
+        } else if (strcmp(key, "ssl_cert_reqs") == 0) {
+            verify_set = true;
+            if (strcasecmp(val, "CERT_NONE") == 0 || strcmp(val, "0") == 0)
+                u->ssl_verify = false;
+            else if (strcasecmp(val, "CERT_REQUIRED") == 0 || strcasecmp(val, "CERT_OPTIONAL") == 0 ||
+                     strcmp(val, "1") == 0 || strcmp(val, "2") == 0)
+                u->ssl_verify = true;
+            else
+                rc = -1;
+        } else if (strcmp(key, "ssl") == 0) {
+            u->tls = strcasecmp(val, "true") == 0 || strcmp(val, "1") == 0;
+        } else if (strcmp(key, "heartbeat") == 0) {
+            rc = parse_int(val, 0, 65535, &u->heartbeat);
+        } else if (strcmp(key, "queue_max_priority") == 0) {
+            rc = parse_int(val, 0, 255, &u->queue_max_priority);
+        } else {
+            snprintf(why, whylen,
+                     "unknown query parameter '%s' (known: ssl_ca_certs, ssl_certfile, ssl_keyfile, "
+                     "ssl_cert_reqs, ssl, heartbeat, queue_max_priority)",
+                     key);
+            free(val);
+            return -1;
+        }
+        if (rc < 0) {
+            snprintf(why, whylen, "bad value for %s: '%s'", key, val);
+            free(val);
+            return -1;
+        }
+        free(val);
+        q += n;
+        if (*q == '&')
+            q++;
+    }
+    if (!verify_set)
+        u->ssl_verify = u->ssl_ca_certs != NULL; /* Python's ssl default: verify when given a CA to verify with */
+    return 0;
+}
+
+int amqp_url_parse(const char *url, struct amqp_url *out, char *err, size_t errlen)
+{
+    *out = (struct amqp_url){0};
+    char why[300] = "";
+    const char *sep = strstr(url, "://");
+    if (!amqp_url_is(url) || !sep) {
+        snprintf(why, sizeof why, "expected amqp://, amqps:// or pyamqp://");
+        goto fail;
+    }
+    out->tls = strncasecmp(url, "amqps://", 8) == 0;
+    out->heartbeat = 60;
+    const char *p = sep + 3;
+    const char *end = p + strcspn(p, "/?#");
+    const char *at = NULL;
+    for (const char *s = p; s < end; s++)
+        if (*s == '@')
+            at = s; /* the last one: a password may hold an escaped or even a bare '@' */
+    const char *hostpart = p;
+    if (at) {
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        out->username = pct_decode(p, (size_t)((colon ? colon : at) - p));
+        out->password = colon ? pct_decode(colon + 1, (size_t)(at - colon - 1)) : NULL;
+        if (!out->username || (colon && !out->password)) {
+            snprintf(why, sizeof why, "bad percent escape in the user or password");
+            goto fail;
+        }
+        hostpart = at + 1;
+    }
+    const char *portsep = NULL;
+    if (*hostpart == '[') {
+        const char *close = memchr(hostpart, ']', (size_t)(end - hostpart));
+        if (!close) {
+            snprintf(why, sizeof why, "unterminated [IPv6 address]");
+            goto fail;
+        }
+        out->host = pct_decode(hostpart + 1, (size_t)(close - hostpart - 1));
+        portsep = close + 1 < end && close[1] == ':' ? close + 1 : NULL;
+    } else {
+        portsep = memchr(hostpart, ':', (size_t)(end - hostpart));
+        out->host = pct_decode(hostpart, (size_t)((portsep ? portsep : end) - hostpart));
+    }
+    if (!out->host) {
+        snprintf(why, sizeof why, "bad percent escape in the host");
+        goto fail;
+    }
+    if (!*out->host) {
+        free(out->host);
+        out->host = strdup("localhost");
+    }
+    out->port = out->tls ? 5671 : 5672;
+    if (portsep) {
+        char port[16];
+        snprintf(port, sizeof port, "%.*s", (int)(end - portsep - 1), portsep + 1);
+        if (parse_int(port, 1, 65535, &out->port) < 0) {
+            snprintf(why, sizeof why, "port is not a number from 1 to 65535");
+            goto fail;
+        }
+    }
+    const char *path = end, *query = NULL;
+    size_t plen = strcspn(path, "?#");
+    if (path[plen] == '?')
+        query = path + plen + 1;
+    /* kombu: the path minus its leading '/' is the vhost; empty means "/" (so "//" is "/" too). */
+    const char *vh = plen ? path + 1 : path;
+    size_t vlen = plen ? plen - 1 : 0;
+    out->vhost = vlen ? pct_decode(vh, vlen) : strdup("/");
+    if (!out->vhost) {
+        snprintf(why, sizeof why, "bad percent escape in the virtual host");
+        goto fail;
+    }
+    if (query) {
+        char *q = strndup(query, strcspn(query, "#"));
+        int rc = parse_query(out, q, why, sizeof why);
+        free(q);
+        if (rc < 0)
+            goto fail;
+    } else {
+        out->ssl_verify = false;
+    }
+    return 0;
+fail:;
+    /* The URL echoed with its password masked, like the Redis URL errors. */
+    const char *m1 = sep ? strchr(sep + 3, ':') : NULL, *m2 = strrchr(url, '@');
+    if (m1 && m2 && m1 < m2)
+        snprintf(err, errlen, "invalid AMQP URL '%.*s:**%s': %s", (int)(m1 - url), url, m2, why);
+    else
+        snprintf(err, errlen, "invalid AMQP URL '%s': %s", url, why);
+    amqp_url_clear(out);
+    return -1;
+}
+
+void amqp_url_endpoint(const struct amqp_url *u, const char *display, struct broker_endpoint *ep)
+{
+    *ep = (struct broker_endpoint){0};
+    ep->kind = BROKER_AMQP;
+    ep->host = u->host;
+    ep->port = u->port;
+    ep->username = u->username;
+    ep->password = u->password;
+    ep->display = display;
+    ep->vhost = u->vhost;
+    ep->tls = u->tls;
+    ep->ssl_ca_certs = u->ssl_ca_certs;
+    ep->ssl_certfile = u->ssl_certfile;
+    ep->ssl_keyfile = u->ssl_keyfile;
+    ep->ssl_verify = u->ssl_verify;
+    ep->heartbeat = u->heartbeat;
+    ep->queue_max_priority = u->queue_max_priority;
+}
+
+/* ------------------------------------------------------------------ the producer (pool children) */
+
+#define PRODUCER_DECLARED_MAX 64
+#define PRODUCER_CONFIRM_MS 10000
+
+struct amqp_producer {
+    const struct broker_endpoint *ep; /* borrowed */
+    amqp_connection_state_t st;
+    uint64_t published;                    /* publishes on this channel: the confirm sequence numbers */
+    char *declared[PRODUCER_DECLARED_MAX]; /* owned: queues declared already */
+    size_t ndeclared;
+};
+
+struct amqp_producer *amqp_producer_open(const struct broker_endpoint *ep, char *err, size_t errlen)
+{
+    /* No heartbeat: a child only talks when it publishes, and cannot answer the broker's heartbeats between. */
+    struct broker_endpoint quiet = *ep;
+    quiet.heartbeat = 0;
+    amqp_connection_state_t st = wire_open(&quiet, "celeriac producer", 5000, err, errlen);
+    if (!st)
+        return NULL;
+    amqp_confirm_select(st, WIRE_CH);
+    if (rpc_ok(st, "confirm.select", err, errlen) < 0) {
+        wire_close(st, false);
+        return NULL;
+    }
+    struct amqp_producer *p = calloc(1, sizeof *p);
+    if (!p)
+        abort();
+    p->ep = ep;
+    p->st = st;
+    return p;
+}
+
+void amqp_producer_close(struct amqp_producer *p)
+{
+    if (!p)
+        return;
+    wire_close(p->st, true);
+    for (size_t i = 0; i < p->ndeclared; i++)
+        free(p->declared[i]);
+    free(p);
+}
+
+static int producer_ensure_queue(struct amqp_producer *p, const char *queue, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < p->ndeclared; i++)
+        if (strcmp(p->declared[i], queue) == 0)
+            return 0;
+    if (wire_declare_task_queue(p->st, queue, p->ep->queue_max_priority, err, errlen) < 0)
+        return -1;
+    if (p->ndeclared < PRODUCER_DECLARED_MAX)
+        p->declared[p->ndeclared++] = strdup(queue);
+    return 0;
+}
+
+/* Waits for the broker's basic.ack of everything published so far. */
+static int producer_wait_confirm(struct amqp_producer *p, char *err, size_t errlen)
+{
+    struct timeval tv;
+    tv_from_ms(&tv, PRODUCER_CONFIRM_MS);
+    for (;;) {
+        amqp_frame_t f;
+        int rc = amqp_simple_wait_frame_noblock(p->st, &f, &tv);
+        if (rc != AMQP_STATUS_OK) {
+            snprintf(err, errlen, "waiting for the publish confirm: %s", amqp_error_string2(rc));
+            return -1;
+        }
+        if (f.frame_type != AMQP_FRAME_METHOD)
+            continue;
+        amqp_method_number_t id = f.payload.method.id;
+        if (id == AMQP_BASIC_ACK_METHOD) {
+            const amqp_basic_ack_t *a = f.payload.method.decoded;
+            if (a->delivery_tag == p->published || (a->multiple && a->delivery_tag >= p->published))
+                return 0;
+        } else if (id == AMQP_BASIC_NACK_METHOD) {
+            snprintf(err, errlen, "the broker refused the message (basic.nack)");
+            return -1;
+        } else if (id == AMQP_CHANNEL_CLOSE_METHOD || id == AMQP_CONNECTION_CLOSE_METHOD) {
+            snprintf(err, errlen, "the broker closed the %s",
+                     id == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection");
+            return -1;
+        }
+    }
+}
+
+int amqp_producer_publish(struct amqp_producer *p, const char *envelope, size_t len, char *err, size_t errlen)
+{
+    json_t *env = json_loadb(envelope, len, 0, NULL);
+    const json_t *info = json_object_get(json_object_get(env, "properties"), "delivery_info");
+    const char *exchange = json_string_value(json_object_get(info, "exchange"));
+    const char *rk = json_string_value(json_object_get(info, "routing_key"));
+    int rc = 0;
+    if (rk && (!exchange || !*exchange))
+        rc = producer_ensure_queue(p, rk, err, errlen);
+    json_decref(env);
+    if (rc < 0)
+        return -1;
+    if (wire_publish_envelope(p->st, NULL, NULL, envelope, len, err, errlen) < 0)
+        return -1;
+    p->published++;
+    return producer_wait_confirm(p, err, errlen);
+}
