@@ -68,13 +68,6 @@ struct amqp_broker {
 
 static const struct broker_ops amqp_ops;
 
-static double now_s(void)
-{
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (double)tv.tv_sec + tv.tv_usec / 1e6;
-}
-
 /* Logs "<what><detail><after>". */
 static void log3(struct amqp_broker *b, int level, const char *what, const char *detail, const char *after)
 {
@@ -101,7 +94,7 @@ static void lost(struct amqp_broker *b, const char *why)
     b->nout = b->nacked = 0;
     wire_incoming_clear(&b->in);
     b->backoff = b->backoff ? b->backoff : BACKOFF_MIN;
-    b->next_reconnect = now_s() + b->backoff;
+    b->next_reconnect = wire_now() + b->backoff;
 }
 
 static int send_qos(struct amqp_broker *b)
@@ -158,7 +151,7 @@ static int connect_broker(struct amqp_broker *b)
             return -1;
         }
     }
-    b->last_rx = now_s();
+    b->last_rx = wire_now();
     b->next_housekeeping = 0;
     if (b->qos > 0 && !b->paused && start_consuming(b) < 0)
         return -1;
@@ -283,38 +276,14 @@ static void handle_frame(struct amqp_broker *b, const amqp_frame_t *f)
         deliver(b);
 }
 
-/* Whether to read now: the socket polled readable, or librabbitmq holds data or frames already (read by an
- * RPC, or left by a capped drain), for which the socket will not say. Idle passes thus cost no recv(). */
 static bool want_drain(struct amqp_broker *b, const struct pollfd *fds, int n)
 {
-    if (!b->st)
-        return false;
-    if (amqp_data_in_buffer(b->st) || amqp_frames_enqueued(b->st))
-        return true;
-    int fd = amqp_get_sockfd(b->st);
-    for (int i = 0; i < n; i++) {
-        if (fds[i].fd == fd && fds[i].revents) {
-            b->last_rx = now_s(); /* heartbeats included, which librabbitmq reads without handing them out */
-            return true;
-        }
-    }
-    return false;
+    return wire_want_read(b->st, &b->last_rx, fds, n);
 }
 
-/* librabbitmq notices missed heartbeats only while it waits to read, which this loop never does, and a send
- * made after its deadline has passed can block for good. So the loop keeps its own watch: nothing at all
- * from the broker for 1.5 heartbeat intervals (RabbitMQ sends one every half interval) means it is gone. */
 static bool heartbeat_missed(const struct amqp_broker *b, double now)
 {
-    int hb = b->st ? amqp_get_heartbeat(b->st) : 0;
-    return hb > 0 && now - b->last_rx > 1.5 * hb;
-}
-
-/* The heartbeats (sent, and checked for, by librabbitmq while it reads) need a read at least this often. */
-static double housekeeping_interval(amqp_connection_state_t st)
-{
-    int hb = amqp_get_heartbeat(st);
-    return hb > 0 && hb < 2 ? hb / 2.0 : 1.0;
+    return wire_heartbeat_missed(b->st, b->last_rx, now);
 }
 
 /* Reads every frame librabbitmq can hand out without blocking (this also keeps the heartbeats going). */
@@ -330,7 +299,7 @@ static void drain(struct amqp_broker *b)
             lost(b, amqp_error_string2(rc));
             return;
         }
-        b->last_rx = now_s();
+        b->last_rx = wire_now();
         handle_frame(b, &f);
         if (b->st)
             amqp_maybe_release_buffers(b->st);
@@ -343,13 +312,11 @@ static bool alive(struct amqp_broker *b, double now)
 {
     if (!b->st || !heartbeat_missed(b, now))
         return b->st != NULL;
-    struct pollfd pfd = {amqp_get_sockfd(b->st), POLLIN, 0};
-    if (poll(&pfd, 1, 0) > 0)
-        b->last_rx = now; /* heartbeats are read without being handed out: readable is the sign of life */
+    wire_note_readable(b->st, &b->last_rx, now);
     drain(b);
-    if (b->st && heartbeat_missed(b, now_s())) {
+    if (b->st && heartbeat_missed(b, wire_now())) {
         char why[96];
-        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", now_s() - b->last_rx);
+        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", wire_now() - b->last_rx);
         lost(b, why);
     }
     return b->st != NULL;
@@ -395,7 +362,7 @@ static void send_acks(struct amqp_broker *b)
 static int amqp_flush(struct broker *base)
 {
     struct amqp_broker *b = (struct amqp_broker *)base;
-    if (b->nacked && alive(b, now_s()))
+    if (b->nacked && alive(b, wire_now()))
         send_acks(b);
     return 0;
 }
@@ -414,7 +381,7 @@ static void amqp_tick(struct broker *base, double now)
     if (b->st) {
         if (now >= b->next_housekeeping || want_drain(b, NULL, 0)) {
             drain(b);
-            b->next_housekeeping = now + (b->st ? housekeeping_interval(b->st) : 0);
+            b->next_housekeeping = now + (b->st ? wire_housekeeping_interval(b->st) : 0);
         }
         return;
     }
@@ -422,7 +389,7 @@ static void amqp_tick(struct broker *base, double now)
         return;
     if (connect_broker(b) < 0) {
         b->backoff = b->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : b->backoff * 2;
-        b->next_reconnect = now_s() + b->backoff;
+        b->next_reconnect = wire_now() + b->backoff;
         log3(b, BROKER_LOG_ERROR, "consumer: Cannot connect to broker: ", b->errstr, ". Trying again...");
         return;
     }

@@ -39,13 +39,6 @@ struct amqp_bus {
 
 static const struct bus_ops amqp_bus_ops;
 
-static double now_s(void)
-{
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (double)tv.tv_sec + tv.tv_usec / 1e6;
-}
-
 static void bus_log(struct amqp_bus *b, int level, const char *what, const char *why)
 {
     if (!b->opt.log)
@@ -62,7 +55,7 @@ static void lost(struct amqp_bus *b, const char *why)
     b->st = NULL;
     wire_incoming_clear(&b->in);
     b->backoff = b->backoff ? b->backoff : BACKOFF_MIN;
-    b->next_reconnect = now_s() + b->backoff;
+    b->next_reconnect = wire_now() + b->backoff;
 }
 
 static int rpc(struct amqp_bus *b, const char *what, char *err, size_t errlen)
@@ -99,7 +92,7 @@ static int connect_bus(struct amqp_bus *b, char *err, size_t errlen)
     amqp_basic_consume(b->st, WIRE_CH, q, amqp_empty_bytes, 0, 1, 0, amqp_empty_table);
     if (rpc(b, "basic.consume (pidbox)", err, errlen) < 0)
         goto fail;
-    b->last_rx = now_s();
+    b->last_rx = wire_now();
     b->next_housekeeping = 0;
     return 0;
 fail:
@@ -148,38 +141,14 @@ static int amqp_bus_pollfds(struct bus *base, struct pollfd *fds, int max)
     return 1;
 }
 
-/* Whether to read now: the socket polled readable, or librabbitmq holds data or frames already (read by an
- * RPC, or left by a capped drain), for which the socket will not say. Idle passes thus cost no recv(). */
 static bool want_drain(struct amqp_bus *b, const struct pollfd *fds, int n)
 {
-    if (!b->st)
-        return false;
-    if (amqp_data_in_buffer(b->st) || amqp_frames_enqueued(b->st))
-        return true;
-    int fd = amqp_get_sockfd(b->st);
-    for (int i = 0; i < n; i++) {
-        if (fds[i].fd == fd && fds[i].revents) {
-            b->last_rx = now_s(); /* heartbeats included, which librabbitmq reads without handing them out */
-            return true;
-        }
-    }
-    return false;
+    return wire_want_read(b->st, &b->last_rx, fds, n);
 }
 
-/* librabbitmq notices missed heartbeats only while it waits to read, which this loop never does, and a send
- * made after its deadline has passed can block for good. So the loop keeps its own watch: nothing at all
- * from the broker for 1.5 heartbeat intervals (RabbitMQ sends one every half interval) means it is gone. */
 static bool heartbeat_missed(const struct amqp_bus *b, double now)
 {
-    int hb = b->st ? amqp_get_heartbeat(b->st) : 0;
-    return hb > 0 && now - b->last_rx > 1.5 * hb;
-}
-
-/* The heartbeats (sent, and checked for, by librabbitmq while it reads) need a read at least this often. */
-static double housekeeping_interval(amqp_connection_state_t st)
-{
-    int hb = amqp_get_heartbeat(st);
-    return hb > 0 && hb < 2 ? hb / 2.0 : 1.0;
+    return wire_heartbeat_missed(b->st, b->last_rx, now);
 }
 
 static void drain(struct amqp_bus *b)
@@ -194,7 +163,7 @@ static void drain(struct amqp_bus *b)
             lost(b, amqp_error_string2(rc));
             return;
         }
-        b->last_rx = now_s();
+        b->last_rx = wire_now();
         if (f.frame_type == AMQP_FRAME_METHOD &&
             (f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD || f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD)) {
             lost(b, "closed by the broker");
@@ -221,13 +190,11 @@ static bool alive(struct amqp_bus *b, double now)
 {
     if (!b->st || !heartbeat_missed(b, now))
         return b->st != NULL;
-    struct pollfd pfd = {amqp_get_sockfd(b->st), POLLIN, 0};
-    if (poll(&pfd, 1, 0) > 0)
-        b->last_rx = now; /* heartbeats are read without being handed out: readable is the sign of life */
+    wire_note_readable(b->st, &b->last_rx, now);
     drain(b);
-    if (b->st && heartbeat_missed(b, now_s())) {
+    if (b->st && heartbeat_missed(b, wire_now())) {
         char why[96];
-        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", now_s() - b->last_rx);
+        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", wire_now() - b->last_rx);
         lost(b, why);
     }
     return b->st != NULL;
@@ -258,7 +225,7 @@ static void amqp_bus_tick(struct bus *base, double now)
     if (b->st) {
         if (now >= b->next_housekeeping || want_drain(b, NULL, 0)) {
             drain(b);
-            b->next_housekeeping = now + (b->st ? housekeeping_interval(b->st) : 0);
+            b->next_housekeeping = now + (b->st ? wire_housekeeping_interval(b->st) : 0);
         }
         return;
     }
@@ -267,7 +234,7 @@ static void amqp_bus_tick(struct bus *base, double now)
     char err[512];
     if (connect_bus(b, err, sizeof err) < 0) {
         b->backoff = b->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : b->backoff * 2;
-        b->next_reconnect = now_s() + b->backoff;
+        b->next_reconnect = wire_now() + b->backoff;
         return;
     }
     b->backoff = 0;
@@ -294,7 +261,7 @@ static unsigned long amqp_bus_reconnects(const struct bus *base)
 
 static void publish(struct amqp_bus *b, const char *exchange, const char *routing_key, const char *data, size_t len)
 {
-    if (!alive(b, now_s()))
+    if (!alive(b, wire_now()))
         return;
     char err[256];
     if (wire_publish_envelope(b->st, exchange, routing_key, data, len, err, sizeof err) == -2)

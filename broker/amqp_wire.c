@@ -890,3 +890,45 @@ int amqp_producer_publish(struct amqp_producer *p, const char *envelope, size_t 
     p->published++;
     return producer_wait_confirm(p, err, errlen);
 }
+
+double wire_now(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + tv.tv_usec / 1e6;
+}
+
+bool wire_want_read(amqp_connection_state_t st, double *last_rx, const struct pollfd *fds, int n)
+{
+    if (!st)
+        return false;
+    if (amqp_data_in_buffer(st) || amqp_frames_enqueued(st))
+        return true;
+    int fd = amqp_get_sockfd(st);
+    for (int i = 0; i < n; i++) {
+        if (fds[i].fd == fd && fds[i].revents) {
+            *last_rx = wire_now();
+            return true;
+        }
+    }
+    return false;
+}
+
+bool wire_heartbeat_missed(amqp_connection_state_t st, double last_rx, double now)
+{
+    int hb = st ? amqp_get_heartbeat(st) : 0;
+    return hb > 0 && now - last_rx > 1.5 * hb;
+}
+
+double wire_housekeeping_interval(amqp_connection_state_t st)
+{
+    int hb = amqp_get_heartbeat(st);
+    return hb > 0 && hb < 2 ? hb / 2.0 : 1.0;
+}
+
+void wire_note_readable(amqp_connection_state_t st, double *last_rx, double now)
+{
+    struct pollfd pfd = {amqp_get_sockfd(st), POLLIN, 0};
+    if (poll(&pfd, 1, 0) > 0)
+        *last_rx = now;
+}

@@ -6,6 +6,7 @@
 #define CELERIAC_AMQP_WIRE_H
 
 #include <amqp.h>
+#include <poll.h>
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -62,5 +63,21 @@ void wire_incoming_clear(struct wire_incoming *in);
  * envelope is unusable (nothing sent), or -2 on a connection error. */
 int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, const char *routing_key, const char *data,
                           size_t len, char *err, size_t errlen);
+
+/* Liveness of a connection the main loop polls (the transport and the bus alike). librabbitmq notices missed
+ * heartbeats only while it waits to read, which the loop never does, and a send made after its deadline has
+ * passed can block for good: so the loop keeps its own watch, through these. Times are wire_now() seconds. */
+double wire_now(void);
+/* Whether to read now: the socket polled readable (fds, n; NULL, 0 for none), or librabbitmq holds data or
+ * frames already (read by an RPC, or left by a capped drain), for which the socket will not say. A readable
+ * socket updates *last_rx: heartbeats are read without being handed out. */
+bool wire_want_read(amqp_connection_state_t st, double *last_rx, const struct pollfd *fds, int n);
+/* Nothing at all from the broker for 1.5 heartbeat intervals (RabbitMQ sends one every half interval). */
+bool wire_heartbeat_missed(amqp_connection_state_t st, double last_rx, double now);
+/* How often a connection needs a read (librabbitmq sends and checks heartbeats while it reads). */
+double wire_housekeeping_interval(amqp_connection_state_t st);
+/* Before concluding that heartbeats were missed: a socket readable now counts as a sign of life (the loop may
+ * have been busy elsewhere for a while). */
+void wire_note_readable(amqp_connection_state_t st, double *last_rx, double now);
 
 #endif
