@@ -74,6 +74,8 @@ static const struct option_spec options[] = {
      "hard time limit: a task running longer is killed, FAILURE TimeLimitExceeded [default: none]"},
     {"soft-time-limit", 0, OPT_DOUBLE, FIELD(soft_time_limit), NULL, NULL, "SECONDS",
      "soft time limit: the task is told and fails with SoftTimeLimitExceeded [default: none]"},
+    {"autoscale", 0, OPT_STRING, FIELD(autoscale), NULL, NULL, "MAX[,MIN]",
+     "grow the pool up to MAX processes while tasks wait, shrink it back to MIN once idle (Celery's --autoscale)"},
     {"max-eta-reserved", 0, OPT_LONG, FIELD(max_eta_reserved), NULL, "1000", "N",
      "ETA/countdown tasks held in memory at most; more go back to the queue until there is room (0: no cap)"},
     {"default-queue", 0, OPT_STRING, FIELD(default_queue), NULL, "celery", "QUEUE",
@@ -568,6 +570,18 @@ static int finish(struct config *c, const bool *seen, char *err, size_t errlen)
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         c->concurrency = n > 0 && n < INT_MAX ? (int)n : 1;
     }
+    if (c->autoscale) {
+        /* Celery's reading: "max" or "max,min", min defaulting to 0; here at least one process stays. */
+        char *end = NULL;
+        long mx = strtol(c->autoscale, &end, 10), mn = 0;
+        if (end != c->autoscale && *end == ',')
+            mn = strtol(end + 1, &end, 10);
+        if (end == c->autoscale || *end || mx < 1 || mx > 256 || mn < 0 || mn > mx)
+            return fail(err, errlen, "--autoscale expects MAX[,MIN] with 1 <= MAX <= 256 and 0 <= MIN <= MAX, got '%s'",
+                        c->autoscale);
+        c->autoscale_max = (int)mx;
+        c->autoscale_min = mn < 1 ? 1 : (int)mn;
+    }
     if (c->dev && !c->tasks_path)
         return fail(err, errlen, "--dev needs --tasks DIR (a directory of task .c files)");
     char *given = c->node_name;
@@ -651,5 +665,6 @@ void config_clear(struct config *c)
     free(c->default_queue);
     free(c->http_bind);
     free(c->tasks_path);
+    free(c->autoscale);
     memset(c, 0, sizeof *c);
 }

@@ -68,6 +68,9 @@ struct config {
     char *http_bind;            /* --http-bind IPv4 address for it ["0.0.0.0"] */
     char *tasks_path;           /* --tasks, else $CELERIAC_TASKS: task modules to load (worker/taskdir.h) [none] */
     bool dev;                   /* --dev: rebuild and swap the --tasks modules on change */
+    char *autoscale;            /* --autoscale MAX[,MIN] as given [NULL: a fixed pool of --concurrency] */
+    int autoscale_max;          /* parsed from it: 1..256 */
+    int autoscale_min;          /* 1..max (Celery's 0 is taken as 1: a worker keeps one process) */
 };
 
 enum config_outcome {

@@ -932,6 +932,40 @@ void tasks_loaded(struct consumer *c, bool restart_pool)
     }
 }
 
+/* ------------------------------------------------------------------ autoscale */
+
+int reserved_count(const struct consumer *c)
+{
+    int n = c->ready.len + c->throttled.len;
+    for (int i = 0; i < c->nchildren; i++)
+        n += c->children[i].jobs.len;
+    return n;
+}
+
+/* Celery's autoscaler rule: as many processes as tasks reserved, between min and max; up at once, down only
+ * once keepalive seconds have passed since the last scale-up. Shrinking picks idle processes first and lets
+ * busy ones finish (pool_shrink). */
+static void autoscale(struct consumer *c)
+{
+    if (!c->autoscale_max || c->stopping)
+        return;
+    int procs = pool_size(c->pool), qty = reserved_count(c);
+    int want = qty < c->autoscale_max ? qty : c->autoscale_max;
+    if (want > procs) {
+        log_info("Scaling up %d processes.", want - procs);
+        if (pool_grow(c->pool, want - procs) < 0)
+            log_error("autoscale: cannot start a pool process: %s", strerror(errno));
+        children_fit(c);
+        c->last_scale_up = pool_clock();
+        return;
+    }
+    want = qty > c->autoscale_min ? qty : c->autoscale_min;
+    if (want < procs && c->last_scale_up && pool_clock() - c->last_scale_up > c->autoscale_keepalive) {
+        log_info("Scaling down %d processes.", procs - want);
+        pool_shrink(c->pool, procs - want);
+    }
+}
+
 /* ------------------------------------------------------------------ dispatch */
 
 static void dispatch(struct consumer *c)
@@ -1200,7 +1234,13 @@ int consumer_run(const struct config *cfg)
     char err[512];
     int exit_code = 1;
     c->cfg = cfg;
-    c->prefetch = cfg->concurrency * cfg->prefetch_multiplier;
+    /* With --autoscale the pool starts at its minimum and the prefetch is sized for its maximum, as Celery's. */
+    int processes = cfg->autoscale_max ? cfg->autoscale_min : cfg->concurrency;
+    c->autoscale_max = cfg->autoscale_max;
+    c->autoscale_min = cfg->autoscale_min;
+    const char *keepalive = getenv("AUTOSCALE_KEEPALIVE");
+    c->autoscale_keepalive = keepalive && atof(keepalive) > 0 ? atof(keepalive) : 30.0;
+    c->prefetch = (cfg->autoscale_max ? cfg->autoscale_max : cfg->concurrency) * cfg->prefetch_multiplier;
     if (c->prefetch <= 0)
         c->prefetch = 1 << 30; /* Celery: a multiplier of 0 means no limit */
 
@@ -1225,11 +1265,11 @@ int consumer_run(const struct config *cfg)
     install_signals();
     task_registry_enable_test_tasks(cfg->enable_test_tasks);
     /* Fork the pool first: no connection may cross a fork. */
-    c->children = calloc((size_t)cfg->concurrency, sizeof *c->children);
-    c->nchildren = cfg->concurrency;
+    c->children = calloc((size_t)processes, sizeof *c->children);
+    c->nchildren = processes;
     /* Children store results themselves, except with --track-started: the main process writes STARTED, and
      * a child's SUCCESS on another connection could then land before it and be overwritten. */
-    struct pool_options popt = {cfg->concurrency,
+    struct pool_options popt = {processes,
                                 cfg->soft_time_limit,
                                 cfg->max_tasks_per_child,
                                 cfg->max_memory_per_child,
@@ -1395,6 +1435,7 @@ int consumer_run(const struct config *cfg)
         int rate_ms = rate_wait_ms(c, now);
         if (rate_ms >= 0 && rate_ms < timeout)
             timeout = rate_ms;
+        autoscale(c);
         int limit_ms = enforce_time_limits(c);
         if (limit_ms >= 0 && limit_ms < timeout)
             timeout = limit_ms;

@@ -147,6 +147,11 @@ struct consumer {
     double broker_progress;    /* epoch seconds the broker last answered a fetch (or none was waiting) */
     bool broker_was_up;
     unsigned long broker_reconnects;
+
+    /* --autoscale (0 max: a fixed pool). */
+    int autoscale_max, autoscale_min;
+    double autoscale_keepalive; /* seconds after a scale-up before scaling down (Celery's AUTOSCALE_KEEPALIVE) */
+    double last_scale_up;       /* monotonic seconds; 0: never scaled up yet */
     bool cold;             /* cold shutdown requested */
 };
 
@@ -175,6 +180,9 @@ void event_started(struct consumer *c, struct job *j);
 void children_fit(struct consumer *c);
 /* After task modules were (re)loaded: their declared defaults; with restart_pool, new processes for them. */
 void tasks_loaded(struct consumer *c, bool restart_pool);
+/* Tasks reserved: taken from the broker and not finished, ETA tasks still waiting excepted (Celery's
+ * reserved_requests, which its autoscaler follows). */
+int reserved_count(const struct consumer *c);
 /* The remote `shutdown` command: a warm shutdown, as on SIGTERM. */
 void consumer_request_stop(void);
 

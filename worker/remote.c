@@ -145,6 +145,10 @@ static json_t *cmd_stats(struct consumer *c, const json_t *args)
         c->prefetch, "rusage", control_rusage());
     if (!out)
         abort();
+    if (c->autoscale_max) /* Celery's Autoscaler.info() */
+        json_object_set_new(out, "autoscaler",
+                            json_pack("{s:i, s:i, s:i, s:i}", "max", c->autoscale_max, "min", c->autoscale_min,
+                                      "current", pool_size(c->pool), "qty", reserved_count(c)));
     return out;
 }
 
@@ -419,18 +423,39 @@ static json_t *cmd_time_limit(struct consumer *c, const json_t *args)
     return ok_reply("time limits set successfully");
 }
 
-static json_t *cmd_autoscale(struct consumer *c, const json_t *args)
-{
-    (void)c, (void)args;
-    /* What a stock worker started without --autoscale answers. */
-    return error_reply("ValueError('Autoscale not enabled')");
-}
-
-/* Celery's _update_prefetch_count: the prefetch follows the number of processes. */
+/* Celery's _update_prefetch_count: the prefetch follows the number of processes (the autoscaler's maximum,
+ * with --autoscale). */
 static void prefetch_follow_pool(struct consumer *c)
 {
     if (c->cfg->prefetch_multiplier > 0)
-        c->prefetch = pool_size(c->pool) * c->cfg->prefetch_multiplier;
+        c->prefetch = (c->autoscale_max ? c->autoscale_max : pool_size(c->pool)) * c->cfg->prefetch_multiplier;
+}
+
+static json_t *cmd_autoscale(struct consumer *c, const json_t *args)
+{
+    if (!c->autoscale_max)
+        return error_reply("ValueError('Autoscale not enabled')"); /* as a stock worker without --autoscale */
+    const json_t *mx = json_object_get(args, "max"), *mn = json_object_get(args, "min");
+    int max = json_is_integer(mx) ? (int)json_integer_value(mx) : c->autoscale_max;
+    int min = json_is_integer(mn) ? (int)json_integer_value(mn) : c->autoscale_min;
+    if (min < 1)
+        min = 1;
+    if (max < min || max > POOL_MAX)
+        return error_reply("ValueError('autoscale: expected 1 <= min <= max <= 256')");
+    /* As Celery's Autoscaler.update: the new bounds apply to the pool at once. */
+    int procs = pool_size(c->pool);
+    if (max < procs)
+        pool_shrink(c->pool, procs - max);
+    else if (min > procs && pool_grow(c->pool, min - procs) < 0)
+        log_error("autoscale: cannot start a pool process: %s", strerror(errno));
+    children_fit(c);
+    c->autoscale_max = max;
+    c->autoscale_min = min;
+    prefetch_follow_pool(c);
+    char text[64];
+    snprintf(text, sizeof text, "autoscale now max=%d min=%d", max, min);
+    log_info("%s", text);
+    return ok_reply(text);
 }
 
 static int control_count(const json_t *args)
@@ -441,6 +466,8 @@ static int control_count(const json_t *args)
 
 static json_t *cmd_pool_grow(struct consumer *c, const json_t *args)
 {
+    if (c->autoscale_max)
+        return error_reply("pool_grow is not supported with autoscale. Adjust autoscale range instead.");
     int n = control_count(args);
     if (n < 0 || n + pool_size(c->pool) > POOL_MAX)
         return error_reply("ValueError('pool_grow: at most 256 processes')");
@@ -454,6 +481,8 @@ static json_t *cmd_pool_grow(struct consumer *c, const json_t *args)
 
 static json_t *cmd_pool_shrink(struct consumer *c, const json_t *args)
 {
+    if (c->autoscale_max)
+        return error_reply("pool_shrink is not supported with autoscale. Adjust autoscale range instead.");
     int n = control_count(args);
     if (n < 0 || n >= pool_size(c->pool))
         return error_reply("ValueError(\"Can't shrink pool below one process\")");

@@ -77,6 +77,9 @@ def _one_line_exit_2(p, *must_mention):
     (["worker", "--result-expires", "x"], None),
     (["worker", "--acks-late=yes"], None),
     (["worker", "-Q", ""], None),
+    (["worker", "--autoscale", "0"], "'0'"),
+    (["worker", "--autoscale", "2,3"], "'2,3'"),
+    (["worker", "--autoscale", "4,x"], "'4,x'"),
     (["frobnicate"], None),
     ([], None),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))

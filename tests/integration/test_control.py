@@ -234,6 +234,28 @@ def test_pool_grow_shrink_restart(app, workers, backend):
         [1 + i for i in range(20)]
 
 
+def test_autoscale(app, workers, backend):
+    """--autoscale MAX,MIN as Celery's: start at MIN, one process per reserved task up to MAX, back to MIN once
+    AUTOSCALE_KEEPALIVE seconds have passed since the last scale-up; the autoscale command moves the bounds."""
+    node = "auto@it"
+    workers.start("--autoscale", "3,1", "-n", node, "--prefetch-multiplier", "2", env={"AUTOSCALE_KEEPALIVE": "1"})
+    stats = _pool(app, node)
+    assert len(stats["pool"]["processes"]) == 1 and stats["prefetch_count"] == 6  # sized for the maximum
+    assert stats["autoscaler"] == {"max": 3, "min": 1, "current": 1, "qty": 0}
+    sleeps = [app.send_task("native.sleep_ms", args=[1500]) for _ in range(5)]
+    wait_until(lambda: len(only(inspect(app, node).active(), node)) == 3, what="grown to three processes")
+    assert [r.get(timeout=TIMEOUT) for r in sleeps] == [1500] * 5
+    wait_until(lambda: len(_pool(app, node)["pool"]["processes"]) == 1, what="back to one after the keepalive")
+    [reply] = app.control.pool_grow(1, destination=[node], reply=True, timeout=1)
+    assert reply[node]["error"].startswith("pool_grow is not supported with autoscale")
+    assert app.control.autoscale(4, 2, destination=[node], reply=True, timeout=1) == \
+        [{node: {"ok": "autoscale now max=4 min=2"}}]
+    wait_until(lambda: len(_pool(app, node)["pool"]["processes"]) == 2, what="raised to the new minimum")
+    stats = _pool(app, node)
+    assert stats["autoscaler"]["max"] == 4 and stats["prefetch_count"] == 8
+    assert app.send_task("native.add", args=[2, 2]).get(timeout=TIMEOUT) == 4
+
+
 def test_add_and_cancel_consumer(app, workers, broker):
     node = "queues@it"
     w = workers.start("-c", "1", "-n", node, "-Q", "q1,q1x")  # q1 is a prefix of q1x: tracking prefixes merge
