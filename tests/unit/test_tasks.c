@@ -638,6 +638,44 @@ static void test_incr_against_fake_server(void **state)
     }
 }
 
+/* Where the raw_param's text is in a body: by position, by keyword, or nowhere (then the body is parsed whole). */
+static void test_raw_arg_locate(void **state)
+{
+    (void)state;
+    static const struct task_def def = {.name = "x.bulk", .fn = recorder, .params = "table, rows, n=1",
+                                        .raw_param = "rows"};
+    static const struct {
+        const char *body;
+        const char *want; /* the span's text, NULL: not found */
+    } cases[] = {
+        {"[[\"t\", [[1, \"a]\"], [2, \"{\\\"\"]], 5], {}, {}]", "[[1, \"a]\"], [2, \"{\\\"\"]]"},
+        {"[ [ \"t\" , {\"k\": [1]} ] , {} , {} ]", "{\"k\": [1]}"},
+        {"[[\"t\", 42], {}, {}]", "42"},
+        {"[[\"t\", null], {}, {}]", "null"},
+        {"[[\"t\"], {\"n\": 2, \"rows\": [[1], [2]]}, {}]", "[[1], [2]]"},
+        {"[[\"t\"], {\"rows_x\": 1, \"rows\": \"s\"}, {}]", "\"s\""},
+        {"[[\"t\"], {\"n\": 2}, {}]", NULL},
+        {"{\"args\": [\"t\", [1]]}", NULL}, /* v1: parsed whole */
+        {"[[\"t\", [1, 2", NULL},              /* truncated */
+        {"[[\"t\", \"unterminated], {}, {}]", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        size_t start = 0, end = 0;
+        const char *b = cases[i].body;
+        bool found = task_raw_arg_locate(&def, b, strlen(b), &start, &end);
+        if (!cases[i].want) {
+            assert_false(found);
+            continue;
+        }
+        assert_true(found);
+        assert_int_equal(end - start, strlen(cases[i].want));
+        assert_memory_equal(b + start, cases[i].want, end - start);
+    }
+    static const struct task_def plain = {.name = "x.plain", .fn = recorder, .params = "rows"};
+    size_t start, end;
+    assert_false(task_raw_arg_locate(&plain, "[[[1]], {}, {}]", 15, &start, &end));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -653,6 +691,7 @@ int main(void)
         cmocka_unit_test(test_sleep_ms_resumes_after_signals),
         cmocka_unit_test(test_incr_without_connection),
         cmocka_unit_test(test_incr_against_fake_server),
+        cmocka_unit_test(test_raw_arg_locate),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
