@@ -283,6 +283,8 @@ static void amqp_bus_deliver_direct(struct bus *base, const char *binding_key, c
     publish((struct amqp_bus *)base, exchange, routing_key, data, len);
 }
 
+/* RabbitMQ has nowhere to keep the revoked set: on AMQP the consumer keeps it in the result backend's Redis
+ * (backend_revoked_add), so these two are never asked for anything. */
 static void amqp_bus_revoked_add(struct bus *base, const char *key, const char *id, double now, double ttl, long max)
 {
     (void)base, (void)key, (void)id, (void)now, (void)ttl, (void)max;

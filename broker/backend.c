@@ -271,3 +271,14 @@ void backend_store(struct backend *be, const char *task_id, const char *doc, siz
     if (rconn_connected(&be->conn))
         send_op(be, op);
 }
+
+void backend_revoked_add(struct backend *be, const char *key, const char *id, double now, double ttl, long max)
+{
+    rconn_revoked_add(&be->conn, key, id, now, ttl, max);
+}
+
+long backend_revoked_load(struct backend *be, const char *key, double now, double ttl,
+                          void (*fn)(void *arg, const char *id, double when), void *arg)
+{
+    return rconn_revoked_load(&be->conn, key, now, ttl, fn, arg);
+}

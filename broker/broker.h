@@ -191,4 +191,10 @@ typedef void (*backend_done_fn)(void *arg, bool ok);
 void backend_store(struct backend *be, const char *task_id, const char *doc, size_t len, backend_done_fn done,
                    void *arg);
 
+/* The revoked set in the result backend's Redis, for a broker that is not Redis (AMQP): the same sorted set as
+ * bus_revoked_add / bus_revoked_load keep on a Redis broker (see rconn_revoked_add). */
+void backend_revoked_add(struct backend *be, const char *key, const char *id, double now, double ttl, long max);
+long backend_revoked_load(struct backend *be, const char *key, double now, double ttl,
+                          void (*fn)(void *arg, const char *id, double when), void *arg);
+
 #endif

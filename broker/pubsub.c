@@ -224,32 +224,14 @@ static void redis_bus_revoked_add(struct bus *base, const char *key, const char 
                                   long max)
 {
     struct redis_bus *b = (struct redis_bus *)base;
-    if (!rconn_connected(&b->cmd))
-        return;
-    rconn_command(&b->cmd, NULL, NULL, "ZADD %s NX %.6f %s", key, now, id);
-    rconn_command(&b->cmd, NULL, NULL, "ZREMRANGEBYSCORE %s -inf (%.6f", key, now - ttl);
-    rconn_command(&b->cmd, NULL, NULL, "ZREMRANGEBYRANK %s 0 %ld", key, -max - 1);
-    rconn_command(&b->cmd, NULL, NULL, "EXPIRE %s %ld", key, (long)ttl);
+    rconn_revoked_add(&b->cmd, key, id, now, ttl, max);
 }
 
 static long redis_bus_revoked_load(struct bus *base, const char *key, double now, double ttl, bus_revoked_fn fn,
                                    void *arg)
 {
     struct redis_bus *b = (struct redis_bus *)base;
-    redisReply *r = rconn_call(&b->cmd, "ZRANGEBYSCORE %s %.6f +inf WITHSCORES", key, now - ttl);
-    long n = -1;
-    if (r && r->type == REDIS_REPLY_ARRAY) {
-        n = 0;
-        for (size_t i = 0; i + 1 < r->elements; i += 2) {
-            if (r->element[i]->type != REDIS_REPLY_STRING || r->element[i + 1]->type != REDIS_REPLY_STRING)
-                continue;
-            fn(arg, r->element[i]->str, strtod(r->element[i + 1]->str, NULL));
-            n++;
-        }
-    }
-    if (r)
-        freeReplyObject(r);
-    return n;
+    return rconn_revoked_load(&b->cmd, key, now, ttl, fn, arg);
 }
 
 static const struct bus_ops redis_bus_ops = {

@@ -362,3 +362,32 @@ redisReply *rconn_call_argv(struct rconn *c, int argc, const char **argv, const 
     queue_push(c, call_done, &slot);
     return wait_for(c, &slot);
 }
+
+void rconn_revoked_add(struct rconn *c, const char *key, const char *id, double now, double ttl, long max)
+{
+    if (!rconn_connected(c))
+        return;
+    rconn_command(c, NULL, NULL, "ZADD %s NX %.6f %s", key, now, id);
+    rconn_command(c, NULL, NULL, "ZREMRANGEBYSCORE %s -inf (%.6f", key, now - ttl);
+    rconn_command(c, NULL, NULL, "ZREMRANGEBYRANK %s 0 %ld", key, -max - 1);
+    rconn_command(c, NULL, NULL, "EXPIRE %s %ld", key, (long)ttl);
+}
+
+long rconn_revoked_load(struct rconn *c, const char *key, double now, double ttl,
+                        void (*fn)(void *arg, const char *id, double when), void *arg)
+{
+    redisReply *r = rconn_call(c, "ZRANGEBYSCORE %s %.6f +inf WITHSCORES", key, now - ttl);
+    long n = -1;
+    if (r && r->type == REDIS_REPLY_ARRAY) {
+        n = 0;
+        for (size_t i = 0; i + 1 < r->elements; i += 2) {
+            if (r->element[i]->type != REDIS_REPLY_STRING || r->element[i + 1]->type != REDIS_REPLY_STRING)
+                continue;
+            fn(arg, r->element[i]->str, strtod(r->element[i + 1]->str, NULL));
+            n++;
+        }
+    }
+    if (r)
+        freeReplyObject(r);
+    return n;
+}

@@ -76,4 +76,12 @@ int rconn_read(struct rconn *c);
 redisReply *rconn_call(struct rconn *c, const char *fmt, ...);
 redisReply *rconn_call_argv(struct rconn *c, int argc, const char **argv, const size_t *lens);
 
+/* The revoked set (bus_revoked_add / backend_revoked_add): a sorted set of ids scored by when they were revoked.
+ * add is pipelined: the id (kept with its first time), then everything older than ttl or beyond the newest max
+ * dropped, and the key set to expire with the ttl. load blocks: fn(arg, id, when) for each id revoked since
+ * now - ttl, oldest first; returns how many, or -1. */
+void rconn_revoked_add(struct rconn *c, const char *key, const char *id, double now, double ttl, long max);
+long rconn_revoked_load(struct rconn *c, const char *key, double now, double ttl,
+                        void (*fn)(void *arg, const char *id, double when), void *arg);
+
 #endif

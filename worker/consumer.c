@@ -50,6 +50,16 @@ static void on_signal(int sig)
     errno = saved;
 }
 
+void revoked_store_add(struct consumer *c, const char *id, double now)
+{
+    /* On a Redis broker the set lives there (every celeriac on it shares it); on AMQP, in the result
+     * backend's Redis, the one Redis such a worker has. */
+    if (c->broker_ep.kind != BROKER_AMQP)
+        bus_revoked_add(c->bus, REVOKED_KEY, id, now, REVOKED_TTL, REVOKED_MAX);
+    else if (c->backend)
+        backend_revoked_add(c->backend, REVOKED_KEY, id, now, REVOKED_TTL, REVOKED_MAX);
+}
+
 void consumer_request_stop(void)
 {
     if (!got_term)
@@ -1337,9 +1347,16 @@ int consumer_run(const struct config *cfg)
         }
         log_info("Serving /healthz, /readyz and /metrics on http://%s:%d", cfg->http_bind, cfg->http_port);
     }
-    long nrevoked = bus_revoked_load(c->bus, REVOKED_KEY, c->started_at, REVOKED_TTL, on_revoked_loaded, c->revoked);
+    long nrevoked = c->broker_ep.kind == BROKER_AMQP
+                        ? c->backend ? backend_revoked_load(c->backend, REVOKED_KEY, c->started_at, REVOKED_TTL,
+                                                            on_revoked_loaded, c->revoked)
+                                     : 0
+                        : bus_revoked_load(c->bus, REVOKED_KEY, c->started_at, REVOKED_TTL, on_revoked_loaded,
+                                           c->revoked);
     if (nrevoked > 0)
         log_info("Loaded %ld revoked task id(s) from Redis", nrevoked);
+    if (c->broker_ep.kind == BROKER_AMQP && !c->backend)
+        log_warning("No Redis result backend: revoked task ids are kept in memory only (lost on restart)");
 
     log_info("Connected to %s", c->broker_display);
     struct buf qs = {0};

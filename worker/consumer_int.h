@@ -183,6 +183,9 @@ void tasks_loaded(struct consumer *c, bool restart_pool);
 /* Tasks reserved: taken from the broker and not finished, ETA tasks still waiting excepted (Celery's
  * reserved_requests, which its autoscaler follows). */
 int reserved_count(const struct consumer *c);
+/* Keeps a revoked id where every restart (and every celeriac) finds it: the broker's Redis, or with an AMQP
+ * broker the result backend's. */
+void revoked_store_add(struct consumer *c, const char *id, double now);
 /* The remote `shutdown` command: a warm shutdown, as on SIGTERM. */
 void consumer_request_stop(void);
 

@@ -303,7 +303,7 @@ static json_t *cmd_revoke(struct consumer *c, const json_t *args)
             continue;
         buf_printf(&joined, "%s%s", joined.len ? ", " : "", id);
         revoked_add(c->revoked, id, now);
-        bus_revoked_add(c->bus, REVOKED_KEY, id, now, REVOKED_TTL, REVOKED_MAX);
+        revoked_store_add(c, id, now);
         revoke_waiting(c, id);
         for (int k = 0; !terminate && k < pool_capacity(c->pool); k++) {
             double started;

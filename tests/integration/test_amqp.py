@@ -203,6 +203,23 @@ def test_revoke(amqp_app, workers, rabbit, queue):
     assert running.state == "REVOKED"
 
 
+def test_revoke_while_stopped_applies_after_restart(amqp_app, workers, rabbit, queue):
+    """RabbitMQ keeps no revoked set: the one a worker hears is kept in the result backend's Redis, where a
+    worker that was down finds it when it comes back."""
+    other = f"{queue}-other"
+    w1 = start(workers, rabbit, queue, "-n", f"one-{queue}@h")
+    start(workers, rabbit, other, "-n", f"two-{queue}@h")
+    assert workers.stop(w1) == 0
+    r = amqp_app.tasks["native.add"].apply_async((5, 5))  # waits in the queue of the stopped worker
+    amqp_app.control.revoke(r.id)  # only two@ hears it
+    time.sleep(0.3)
+    w = start(workers, rabbit, queue, "-n", f"one-{queue}@h")
+    with pytest.raises(Exception, match="revoked|Revoked"):
+        r.get(timeout=TIMEOUT)
+    assert r.state == "REVOKED"
+    assert "Loaded 1 revoked task id(s) from Redis" in w.log()
+
+
 def test_sigkill_redelivers_unacked(amqp_app, workers, rabbit, queue):
     """--acks-late: a killed worker's unacked messages come back through the broker, to the next worker."""
     w = start(workers, rabbit, queue, "--acks-late")
