@@ -517,6 +517,20 @@ static void amqp_requeue(struct broker *base, const struct broker_delivery *d)
         lost(b, amqp_error_string2(rc));
 }
 
+/* basic.reject without requeue: the queue's dead-letter exchange, if it has one, gets the message. */
+static void amqp_reject(struct broker *base, const char *tag)
+{
+    struct amqp_broker *b = (struct amqp_broker *)base;
+    struct outstanding *o = find_tag(b, tag);
+    if (!o || o->acked)
+        return; /* an older connection's: the broker delivers it again, and it is refused again */
+    uint64_t t = o->tag;
+    forget(b, o);
+    int rc = amqp_basic_reject(b->st, WIRE_CH, t, 0);
+    if (rc != AMQP_STATUS_OK)
+        lost(b, amqp_error_string2(rc));
+}
+
 /* Back to the far end of its queue: published again (default exchange, the queue's name), then acked. If the
  * connection breaks in between, the broker requeues the original too: a duplicate, never a loss. */
 static void amqp_defer(struct broker *base, const struct broker_delivery *d)
@@ -626,5 +640,5 @@ static const struct broker_ops amqp_ops = {
     amqp_close,        amqp_pollfds,      amqp_process,    amqp_flush,           amqp_connected,       amqp_tick,
     amqp_next_tick_ms, amqp_should_fetch, amqp_fetch,      amqp_pause,           amqp_fetch_in_flight, amqp_pending,
     amqp_ack,          amqp_requeue,      amqp_defer,      amqp_restore_visible, amqp_errstr,          amqp_add_queue,
-    amqp_cancel_queue, amqp_queue_count,  amqp_queue_name, amqp_delivery_lost,
+    amqp_cancel_queue, amqp_queue_count,  amqp_queue_name, amqp_delivery_lost,   amqp_reject,
 };

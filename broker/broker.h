@@ -135,6 +135,10 @@ size_t broker_pending(const struct broker *b);
 
 /* Acknowledges (removes the unacked record of) a delivery: coalesced until the next flush. tag borrowed. */
 void broker_ack(struct broker *b, const char *tag);
+/* Refuses a delivery for good, as stock Celery does with a message it cannot use (unknown task, invalid
+ * headers): AMQP basic.reject without requeue, so that a queue's dead-letter exchange gets it; on Redis, as in
+ * kombu, the same as an ack. tag borrowed. */
+void broker_reject(struct broker *b, const char *tag);
 /* Puts a delivery back on its queue with redelivered=true, where it is consumed next, and removes its
  * unacked record, atomically, unless someone restored it already. d borrowed. */
 void broker_requeue(struct broker *b, const struct broker_delivery *d);

@@ -1133,4 +1133,5 @@ static const struct broker_ops redis_ops = {
     redis_should_fetch, redis_fetch, redis_pause, redis_fetch_in_flight, redis_pending, redis_ack, redis_requeue,
     redis_defer, redis_restore_visible, redis_errstr, redis_add_queue, redis_cancel_queue, redis_queue_count,
     redis_queue_name, redis_delivery_lost,
+    redis_ack, /* reject: kombu's Redis transport drops a rejected message as an ack does */
 };

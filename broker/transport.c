@@ -117,6 +117,11 @@ const char *broker_queue_name(const struct broker *b, size_t i, bool *consumed)
     return b->ops->queue_name(b, i, consumed);
 }
 
+void broker_reject(struct broker *b, const char *tag)
+{
+    b->ops->reject(b, tag);
+}
+
 bool broker_delivery_lost(const struct broker *b, const struct broker_delivery *d)
 {
     return b->ops->delivery_lost(b, d);

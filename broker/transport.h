@@ -31,6 +31,7 @@ struct broker_ops {
     size_t (*queue_count)(const struct broker *b);
     const char *(*queue_name)(const struct broker *b, size_t i, bool *consumed);
     bool (*delivery_lost)(const struct broker *b, const struct broker_delivery *d);
+    void (*reject)(struct broker *b, const char *tag);
 };
 
 /* The first member of every transport's own struct. */

@@ -175,7 +175,10 @@ static void job_ack(struct consumer *c, struct job *j)
 {
     if (j->acked)
         return;
-    broker_ack(c->broker, j->delivery->tag);
+    if (j->reject)
+        broker_reject(c->broker, j->delivery->tag);
+    else
+        broker_ack(c->broker, j->delivery->tag);
     j->acked = true;
     c->held--;
 }
@@ -605,10 +608,14 @@ static void on_deliver(void *arg, struct broker_delivery *d)
             json_object_set_new(ev, "requeue", json_false());
             task_event_send(c, ev);
         }
+        /* As the stock consumer: a message it cannot decode is acked (on_decode_error), one that is not a
+         * task message or has invalid headers is rejected (on_unknown_message, on_invalid_task). */
+        j->reject = rc == MSG_ERR_UNKNOWN || rc == MSG_ERR_ENVELOPE;
         fail_job(c, j, executor_decode_exc_type(rc), err, true);
         return;
     }
     if (!task_registry_find(j->req.task.s)) {
+        j->reject = true; /* on_unknown_task rejects */
         log_error("Received unregistered task of type '%s'.\nThe message has been ignored and discarded.",
                   j->req.task.s);
         struct buf exc = {0};

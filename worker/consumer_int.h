@@ -33,6 +33,7 @@ struct job {
     bool requeued;
     bool started_sent;                /* task-started was sent (or events were off when it started) */
     bool rate_ok;                     /* took its rate-limit token already (waited in `throttled`) */
+    bool reject;                      /* refused for good once settled, not acked (see broker_reject) */
     struct job *next;                 /* in the ready list or in its child's list */
 };
 

@@ -77,6 +77,31 @@ def test_errors_and_unregistered(amqp_app, workers, rabbit, queue):
     assert amqp_app.tasks["native.add"].delay(1, 1).get(timeout=TIMEOUT) == 2  # the pool recovered
 
 
+def test_unusable_messages_are_rejected_to_the_dead_letter_exchange(amqp_app, workers, rabbit, queue):
+    """As the stock consumer: an unknown task is rejected (not acked), so a queue's dead-letter exchange keeps
+    it, after its NotRegistered FAILURE is stored; a task that ran is acked and never dead-lettered."""
+    from kombu import Connection
+    dlx = Exchange(f"{queue}-dlx", type="fanout", durable=True)
+    dead = Queue(f"{queue}-dead", exchange=dlx, durable=True)
+    q = Queue(queue, Exchange(queue, type="direct", durable=True), routing_key=queue,
+              queue_arguments={"x-dead-letter-exchange": f"{queue}-dlx"})
+    amqp_app.conf.task_queues = [q]  # so that the client declares it as it is
+    with Connection(rabbit.url()) as conn:
+        dead.bind(conn.default_channel).declare()
+        q.bind(conn.default_channel).declare()
+    start(workers, rabbit, queue)
+    r = amqp_app.send_task("native.no_such_task", (1,), queue=q)
+    with pytest.raises(Exception) as e:
+        r.get(timeout=TIMEOUT)
+    assert "NotRegistered" in type(e.value).__name__ or "NotRegistered" in repr(e.value)
+    assert amqp_app.tasks["native.add"].apply_async((2, 3), queue=q).get(timeout=TIMEOUT) == 5
+    with Connection(rabbit.url()) as conn:
+        channel = conn.default_channel
+        got = wait_until(lambda: dead.bind(channel).get(no_ack=True), what="the rejected message dead-lettered")
+        assert got.headers["task"] == "native.no_such_task" and got.headers["id"] == r.id
+        assert dead.bind(channel).get(no_ack=True) is None  # only that one
+
+
 def test_priority_on_a_priority_queue_higher_wins(rabbit, redis_server, workers, queue, backend):
     """The client declares the queue with x-max-priority; celeriac consumes it as it is (no
     PRECONDITION_FAILED) and, one at a time, runs the highest priority first."""
