@@ -433,6 +433,17 @@ static void amqp_fetch(struct broker *base, int max)
         send_qos(b);
 }
 
+/* basic.cancel of queue q's consumer (its tag is the queue's index). */
+static void cancel_consumer(struct amqp_broker *b, size_t q)
+{
+    char tag[32];
+    snprintf(tag, sizeof tag, "%zu", q);
+    amqp_basic_cancel_t m = {amqp_cstring_bytes(tag), 1};
+    int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_CANCEL_METHOD, &m);
+    if (rc != AMQP_STATUS_OK)
+        lost(b, amqp_error_string2(rc));
+}
+
 static void amqp_pause(struct broker *base)
 {
     struct amqp_broker *b = (struct amqp_broker *)base;
@@ -442,12 +453,7 @@ static void amqp_pause(struct broker *base)
     for (size_t q = 0; q < b->nqueues && b->st; q++) {
         if (!b->active[q])
             continue;
-        char tag[32];
-        snprintf(tag, sizeof tag, "%zu", q);
-        amqp_basic_cancel_t m = {amqp_cstring_bytes(tag), 1};
-        int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_CANCEL_METHOD, &m);
-        if (rc != AMQP_STATUS_OK)
-            lost(b, amqp_error_string2(rc));
+        cancel_consumer(b, q);
     }
 }
 
@@ -605,14 +611,8 @@ static int amqp_cancel_queue(struct broker *base, const char *queue)
         if (strcmp(b->queues[q], queue) != 0 || !b->active[q])
             continue;
         b->active[q] = false;
-        if (b->st && b->consuming) {
-            char tag[32];
-            snprintf(tag, sizeof tag, "%zu", q);
-            amqp_basic_cancel_t m = {amqp_cstring_bytes(tag), 1};
-            int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_CANCEL_METHOD, &m);
-            if (rc != AMQP_STATUS_OK)
-                lost(b, amqp_error_string2(rc));
-        }
+        if (b->st && b->consuming)
+            cancel_consumer(b, q);
         return 0;
     }
     return -1;
