@@ -10,7 +10,14 @@
  *    then the `SEP 3/6/9` sub-lists, queues round-robin) AND records each in `unacked`/`unacked_index` in
  *    kombu's format, atomically: there is no window in which a popped message exists only in our memory;
  *  - while the queues are empty, the worker waits for Redis's key-invalidation messages (CLIENT TRACKING
- *    in broadcast mode, on the queue names) instead of BRPOP, which would reopen that window;
+ *    in broadcast mode, on the queue names) instead of BRPOP, which would reopen that window; and, when it
+ *    consumes a single queue, in a BLMOVE of that queue's list into its own inbox list on a third
+ *    connection, which hands over the first message without the round trip of a fetch (the result latency
+ *    of an idle worker). The message is delivered at once and recorded as unacked by a script sent before
+ *    anything else is done with it; until that runs it is in the inbox, never only in our memory. The inbox
+ *    is registered in `celeriac.inboxes` with its queue and a lease the worker renews: a worker puts its own
+ *    inbox back on the queue when it connects, reconnects, cancels the wait or stops, and any worker puts
+ *    back an inbox whose lease ran out (its owner was killed between the BLMOVE and the record);
  *  - acks are coalesced into one ZREM and one HDEL per pass;
  *  - requeue (warm shutdown) and the visibility-timeout restore put messages back with `redelivered` set,
  *    only if their unacked record still exists, so a message is never restored twice.
@@ -125,10 +132,13 @@ bool broker_should_fetch(const struct broker *b);
  * ignores max <= 0. */
 void broker_fetch(struct broker *b, int max);
 /* Stops taking messages (a warm shutdown begins): on AMQP the consumers are cancelled, so the broker stops
- * pushing; on Redis nothing is needed (fetches are pulled). */
+ * pushing; on Redis a waiting BLMOVE is cancelled (other fetches are pulled). */
 void broker_pause(struct broker *b);
 /* Number of messages the fetch in flight may still deliver (counts against prefetch). */
 int broker_fetch_in_flight(const struct broker *b);
+/* The part of it that is a wait for the next message (Redis's idle BLMOVE), answered only when one comes: not a
+ * stalled broker. */
+int broker_fetch_blocked(const struct broker *b);
 /* Commands issued (acks, requeues, ...) whose replies have not come yet, or that are not even sent yet. A warm
  * shutdown waits for this to reach 0 so that it does not close the connection with requeues still unwritten. */
 size_t broker_pending(const struct broker *b);

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,6 +26,7 @@ struct fetch {
     int list_queue[];       /* list number (0-based, in the order sent: nq * NPRIO) -> queue index */
 };
 #define POLL_FALLBACK_S 0.05
+#define INBOX_REGISTRY "celeriac.inboxes"
 #define BACKOFF_MIN 0.1
 #define BACKOFF_MAX 5.0
 
@@ -88,6 +90,49 @@ static const char restore_script[] =
     "  if ARGV[3] == 'L' then redis.call('LPUSH', KEYS[i], ARGV[2]) else redis.call('RPUSH', KEYS[i], ARGV[2]) end\n"
     "end\n"
     "return 1\n";
+
+/* KEYS: unacked_index, unacked, the inbox. ARGV: score, tag, JSON-escaped queue name. Records the inbox's oldest
+ * message exactly as pop_script records what it pops (the caller already has the message: not returned). */
+static const char inbox_record_script[] =
+    "local m = redis.call('RPOP', KEYS[3])\n"
+    "if not m then return 0 end\n"
+    "local route = ', \"\", \"' .. ARGV[3] .. '\"]'\n"
+    "local rec\n"
+    "if string.byte(m, 1) == 123 and string.byte(m, -1) == 125 then\n"
+    "  rec = '[' .. m .. route\n"
+    "else\n"
+    "  rec = '[' .. cjson.encode(m) .. route\n"
+    "end\n"
+    "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])\n"
+    "redis.call('HSET', KEYS[2], ARGV[2], rec)\n"
+    "return 1\n";
+
+/* KEYS: the inbox registry (inbox -> "<lease deadline> <queue>"). ARGV: now, our inbox, "own" or "stale".
+ * Puts inboxes back on their queues, oldest message next out, and drops them from the registry: "own" ours
+ * (start-up, reconnect, shutdown), "stale" every other one whose lease ran out (its worker died between a
+ * blocking move and the record). An entry without a queue is dropped, its list left as is. Returns how many
+ * messages went back. */
+static const char inbox_sweep_script[] =
+    "local reg = redis.call('HGETALL', KEYS[1])\n"
+    "local moved = 0\n"
+    "for i = 1, #reg, 2 do\n"
+    "  local inbox = reg[i]\n"
+    "  local deadline, queue = string.match(reg[i + 1], '^(%S+) (.+)$')\n"
+    "  local mine = inbox == ARGV[2]\n"
+    "  if (ARGV[3] == 'own' and mine) or\n"
+    "     (ARGV[3] == 'stale' and not mine and (tonumber(deadline) or 0) < tonumber(ARGV[1])) then\n"
+    "    if queue then\n"
+    "      local m = redis.call('LPOP', inbox)\n"
+    "      while m do\n"
+    "        redis.call('RPUSH', queue, m)\n"
+    "        moved = moved + 1\n"
+    "        m = redis.call('LPOP', inbox)\n"
+    "      end\n"
+    "    end\n"
+    "    redis.call('HDEL', KEYS[1], inbox)\n"
+    "  end\n"
+    "end\n"
+    "return moved\n";
 
 static const char unlock_script[] =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end\n"
@@ -198,7 +243,7 @@ struct redis_broker {
     char **keys;             /* every list key, queue-major: keys[q * NPRIO + p] */
     double visibility_timeout;
 
-    char pop_sha[41], restore_sha[41], unlock_sha[41];
+    char pop_sha[41], restore_sha[41], unlock_sha[41], record_sha[41], sweep_sha[41];
     char tag_prefix[48];
     unsigned long long fetch_count;
 
@@ -214,6 +259,16 @@ struct redis_broker {
     int tracking_argc;
     char tracking_id[32];
     double next_poll, next_restore, next_refresh;
+
+    /* The idle wait (DESIGN in broker.h): a BLMOVE from the one consumed queue into our inbox list. */
+    struct rconn block;
+    char inbox[64];          /* this process's inbox key, unique across hosts and restarts */
+    int inbox_queue;         /* the queue the registry names for our inbox; -1: not registered */
+    bool block_ok;           /* the blocking move works here; false: invalidations alone (older server, ACL) */
+    bool block_armed;        /* the last fetch found the queues empty: the next one waits in BLMOVE */
+    bool block_out;          /* a BLMOVE is waiting (counted as one message in fetch_requested) */
+    int block_queue;         /* the queue it waits on */
+    unsigned long long block_count;
 
     struct tagset held;      /* tags delivered and not yet acked or requeued */
     char **acks;             /* tags to ack at the next flush (owned) */
@@ -257,9 +312,13 @@ static void on_wake_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
         return;
     redisReply *keys = r->element[2];
     bool relevant = keys->type != REDIS_REPLY_ARRAY; /* nil: the whole keyspace was flushed */
-    for (size_t i = 0; !relevant && i < keys->elements; i++)
-        relevant = keys->element[i]->type == REDIS_REPLY_STRING &&
-                   is_queue_key(b, keys->element[i]->str, keys->element[i]->len);
+    /* A push to the list a BLMOVE waits on is the BLMOVE's to take (and its reply asks for the rest). */
+    const char *waited = b->block_out ? b->keys[(size_t)b->block_queue * NPRIO] : NULL;
+    for (size_t i = 0; !relevant && i < keys->elements; i++) {
+        redisReply *k = keys->element[i];
+        relevant = k->type == REDIS_REPLY_STRING && is_queue_key(b, k->str, k->len) &&
+                   !(waited && strlen(waited) == k->len && memcmp(waited, k->str, k->len) == 0);
+    }
     if (relevant) {
         b->wake_seq++;
         b->maybe_ready = true;
@@ -356,6 +415,206 @@ static char *json_escaped(const char *s)
     return dumped;
 }
 
+
+/* ---------------------------------------------------------------- the inbox: the idle wait (DESIGN) */
+
+/* How long an inbox outlives its worker's last sign of life before others put it back: refresh_held renews
+ * it every period, so four missed periods mean the worker is gone. */
+static double inbox_lease(const struct redis_broker *b)
+{
+    double period = b->visibility_timeout / 4;
+    period = period < 0.25 ? 0.25 : period > 30 ? 30 : period;
+    return 4 * period + 5;
+}
+
+/* The one queue consumed now, or -1 when there are several or none: BLMOVE takes a single list. */
+static int single_queue(const struct redis_broker *b)
+{
+    int q = -1;
+    for (size_t i = 0; i < b->nqueues; i++) {
+        if (!b->active[i])
+            continue;
+        if (q >= 0)
+            return -1;
+        q = (int)i;
+    }
+    return q;
+}
+
+/* Names queue q as where our inbox goes back to, with a fresh lease. wait: before a BLMOVE, so the entry
+ * exists before anything can land in the inbox (the two go out on different connections). */
+static int inbox_register(struct redis_broker *b, int q, bool wait)
+{
+    const char *queue = b->queues[q];
+    size_t n = strlen(queue) + 40;
+    char *value = malloc(n);
+    if (!value)
+        abort();
+    snprintf(value, n, "%.6f %s", rconn_epoch() + inbox_lease(b), queue);
+    int rc = 0;
+    if (wait) {
+        redisReply *r = rconn_call(&b->main, "HSET %s %s %s", INBOX_REGISTRY, b->inbox, value);
+        rc = r && r->type == REDIS_REPLY_INTEGER ? 0 : -1;
+        if (r)
+            freeReplyObject(r);
+    } else {
+        rconn_command(&b->main, NULL, NULL, "HSET %s %s %s", INBOX_REGISTRY, b->inbox, value);
+    }
+    free(value);
+    b->inbox_queue = rc == 0 ? q : -1;
+    return rc;
+}
+
+/* Our inbox back on its queue and out of the registry (a BLMOVE whose reply we will never read may have
+ * moved a message into it). Redis runs it after every record script sent before it on this connection. */
+static void inbox_return(struct redis_broker *b, bool wait)
+{
+    b->inbox_queue = -1;
+    if (!rconn_connected(&b->main) || !b->sweep_sha[0])
+        return;
+    if (wait) {
+        redisReply *r = rconn_call(&b->main, "EVALSHA %s 1 %s %.6f %s own", b->sweep_sha, INBOX_REGISTRY,
+                                   rconn_epoch(), b->inbox);
+        if (r && r->type == REDIS_REPLY_INTEGER && r->integer > 0)
+            rconn_log(&b->main, BROKER_LOG_INFO, "put %lld message(s) from this worker's inbox back on the queue",
+                      r->integer);
+        if (r)
+            freeReplyObject(r);
+    } else {
+        rconn_command(&b->main, NULL, NULL, "EVALSHA %s 1 %s %.6f %s own", b->sweep_sha, INBOX_REGISTRY,
+                      rconn_epoch(), b->inbox);
+    }
+}
+
+static bool lua_space(char ch)
+{
+    return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\v' || ch == '\f';
+}
+
+/* The tag pop_script gives a message: the value after its first "delivery_tag" key when it is 1 to 100 of
+ * [A-Za-z0-9_.-] (the script's pattern), else false. */
+static bool message_tag(const char *m, size_t len, char *out, size_t outlen)
+{
+    static const char key[] = "\"delivery_tag\"";
+    const char *p = memmem(m, len, key, sizeof key - 1);
+    if (!p)
+        return false;
+    const char *end = m + len;
+    p += sizeof key - 1;
+    while (p < end && lua_space(*p))
+        p++;
+    if (p >= end || *p++ != ':')
+        return false;
+    while (p < end && lua_space(*p))
+        p++;
+    if (p >= end || *p++ != '"')
+        return false;
+    const char *start = p;
+    while (p < end && ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                       *p == '-' || *p == '_' || *p == '.'))
+        p++;
+    size_t n = (size_t)(p - start);
+    if (p >= end || *p != '"' || n == 0 || n > 100 || n >= outlen)
+        return false;
+    memcpy(out, start, n);
+    out[n] = '\0';
+    return true;
+}
+
+static void on_recorded(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)steal;
+    (void)arg;
+    if (r && r->type == REDIS_REPLY_INTEGER && r->integer == 0)
+        rconn_log(c, BROKER_LOG_ERROR, "inbox empty when recording a message: another worker swept it (this one "
+                                       "stalled past its lease); the message may run twice");
+}
+
+/* The BLMOVE's reply: a message now in our inbox. It is recorded as unacked (the script goes out before
+ * anything the consumer does with the delivery, acks included) and delivered at once: that round trip is
+ * what the inbox saves. */
+static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)c;
+    (void)steal;
+    struct redis_broker *b = arg;
+    b->block_out = false;
+    b->fetch_requested--;
+    if (!r || r->type == REDIS_REPLY_NIL)
+        return;
+    if (r->type != REDIS_REPLY_STRING) {
+        rconn_log(&b->main, BROKER_LOG_WARNING, "BLMOVE failed (%s); waiting on invalidations alone",
+                  r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        b->block_ok = false;
+        b->maybe_ready = true;
+        return;
+    }
+    char tag[128];
+    if (!message_tag(r->str, r->len, tag, sizeof tag) || tagset_has(&b->held, tag))
+        snprintf(tag, sizeof tag, "%sb%llu", b->tag_prefix, ++b->block_count);
+    char score[32];
+    snprintf(score, sizeof score, "%.6f", rconn_epoch());
+    const char *argv[] = {"EVALSHA", b->record_sha, "3",  "unacked_index", "unacked", b->inbox,
+                          score,     tag,           b->queues_json[b->block_queue]};
+    size_t lens[9];
+    for (size_t i = 0; i < 9; i++)
+        lens[i] = strlen(argv[i]);
+    rconn_command_argv(&b->main, on_recorded, NULL, 9, argv, lens);
+
+    struct broker_delivery *d = calloc(1, sizeof *d);
+    if (!d)
+        abort();
+    d->raw = r->str; /* taken over from the reply: freeReplyObject frees NULL */
+    d->len = r->len;
+    r->str = NULL;
+    d->tag = strdup(tag);
+    d->queue = b->block_queue;
+    d->priority = 0;
+    tagset_add(&b->held, d->tag);
+    b->maybe_ready = true; /* more may be waiting behind it: the next fetch looks, and re-arms if none */
+    b->h.on_deliver(b->arg, d);
+}
+
+static bool block_open(struct redis_broker *b)
+{
+    if (rconn_connected(&b->block))
+        return true;
+    if (rconn_open(&b->block, "broker-block", b->ep, 2000) == 0)
+        return true;
+    rconn_log(&b->main, BROKER_LOG_WARNING, "cannot open the blocking connection (%s); waiting on invalidations alone",
+              b->block.errstr);
+    b->block_ok = false;
+    return false;
+}
+
+/* Called by redis_fetch once the queues were found empty: one BLMOVE, which answers the moment a message
+ * comes (the consumer asked for at least one). Without a single queue, a blocking connection or
+ * invalidations, nothing is sent and the invalidations alone wake us. */
+static void block_wait(struct redis_broker *b)
+{
+    b->block_armed = false;
+    int q = single_queue(b);
+    if (q < 0 || !b->block_ok || !b->tracking_on || b->block_out || !block_open(b))
+        return;
+    if (b->inbox_queue != q && inbox_register(b, q, true) < 0)
+        return;
+    rconn_command(&b->block, on_block_reply, b, "BLMOVE %s %s RIGHT LEFT 0", b->keys[(size_t)q * NPRIO], b->inbox);
+    b->block_queue = q;
+    b->block_out = true;
+    b->fetch_requested++;
+}
+
+/* Stops a waiting BLMOVE. Closing its connection is the only sure way (CLIENT UNBLOCK may overtake the
+ * BLMOVE itself); what it may have moved meanwhile goes back to the queue. */
+static void block_cancel(struct redis_broker *b, bool wait)
+{
+    b->block_armed = false;
+    if (!b->block_out)
+        return;
+    rconn_close(&b->block); /* on_block_reply(NULL) settles the count */
+    inbox_return(b, wait);
+}
+
 static void send_acks(struct redis_broker *b);
 
 /* Opens the connections and makes them ready to consume: scripts loaded (a restarted Redis has forgotten
@@ -365,12 +624,14 @@ static int connect_broker(struct redis_broker *b, int timeout_ms)
     if (rconn_open(&b->main, "broker", b->ep, timeout_ms) < 0)
         return -1;
     if (load_script(b, pop_script, b->pop_sha) < 0 || load_script(b, restore_script, b->restore_sha) < 0 ||
-        load_script(b, unlock_script, b->unlock_sha) < 0) {
+        load_script(b, unlock_script, b->unlock_sha) < 0 || load_script(b, inbox_record_script, b->record_sha) < 0 ||
+        load_script(b, inbox_sweep_script, b->sweep_sha) < 0) {
         snprintf(b->main.errstr, sizeof b->main.errstr, "%s", b->errstr);
         rconn_close(&b->main);
         return -1;
     }
     b->errstr[0] = '\0';
+    inbox_return(b, true); /* a BLMOVE of the lost connection may have moved one */
     setup_tracking(b, b->ep);
     b->maybe_ready = true;
     b->backoff = 0;
@@ -386,6 +647,8 @@ static void lost(struct redis_broker *b, const char *why)
               "consumer: Connection to broker lost (%s). Trying to re-establish the connection...", why);
     rconn_close(&b->main);
     rconn_close(&b->wake);
+    rconn_close(&b->block);
+    b->block_armed = false;
     b->backoff = BACKOFF_MIN;
     b->next_reconnect = rconn_epoch() + b->backoff;
 }
@@ -411,7 +674,17 @@ struct broker *redis_broker_open(const struct broker_endpoint *ep, const struct 
     b->arg = arg;
     b->ep = ep;
     b->visibility_timeout = opt->visibility_timeout;
-    b->main.log = b->wake.log = opt->log;
+    b->main.log = b->wake.log = b->block.log = opt->log;
+    b->inbox_queue = -1;
+    b->block_ok = true;
+    unsigned char rnd[8];
+    if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) {
+        unsigned long long mix = (unsigned long long)getpid() * 0x9E3779B97F4A7C15ULL ^ (unsigned long long)time(NULL);
+        memcpy(rnd, &mix, sizeof rnd);
+    }
+    int off = snprintf(b->inbox, sizeof b->inbox, "celeriac.inbox.");
+    for (size_t i = 0; i < sizeof rnd; i++)
+        off += snprintf(b->inbox + off, sizeof b->inbox - (size_t)off, "%02x", rnd[i]);
     b->nqueues = opt->nqueues;
     b->queues = calloc(opt->nqueues, sizeof *b->queues);
     b->queues_json = calloc(opt->nqueues, sizeof *b->queues_json);
@@ -451,11 +724,15 @@ static void redis_close(struct broker *base)
     struct redis_broker *b = (struct redis_broker *)base;
     if (!b)
         return;
+    /* First the BLMOVE, then whatever it moved back to the queue (after every record script already sent). */
+    rconn_close(&b->block);
+    inbox_return(b, true);
     b->ep = NULL; /* closing for good: batches still in flight are freed, not queued again */
     rconn_close(&b->main);
     rconn_close(&b->wake);
     free(b->main.q);
     free(b->wake.q);
+    free(b->block.q);
     for (size_t q = 0; q < b->nqueues; q++) {
         free(b->queues[q]);
         free(b->queues_json[q]);
@@ -504,6 +781,8 @@ static int redis_pollfds(struct broker *base, struct pollfd *fds, int max)
         fds[n++] = (struct pollfd){rconn_fd(&b->main), POLLIN | (rconn_wants_write(&b->main) ? POLLOUT : 0), 0};
     if (n < max && rconn_connected(&b->wake))
         fds[n++] = (struct pollfd){rconn_fd(&b->wake), POLLIN | (rconn_wants_write(&b->wake) ? POLLOUT : 0), 0};
+    if (n < max && rconn_connected(&b->block))
+        fds[n++] = (struct pollfd){rconn_fd(&b->block), POLLIN | (rconn_wants_write(&b->block) ? POLLOUT : 0), 0};
     return n;
 }
 
@@ -536,6 +815,12 @@ static int redis_process(struct broker *base, const struct pollfd *fds, int n)
         rconn_log(&b->main, BROKER_LOG_WARNING, "%s; polling the queues instead", b->errstr);
         b->errstr[0] = '\0';
         b->tracking = false;
+    }
+    if (rconn_connected(&b->block) && process_conn(b, &b->block, fds, n) < 0) {
+        /* Only the fast idle wait is lost: reopened at the next one. */
+        rconn_log(&b->main, BROKER_LOG_WARNING, "blocking connection lost (%s)", b->errstr);
+        b->errstr[0] = '\0';
+        inbox_return(b, false);
     }
     return 0;
 }
@@ -606,6 +891,10 @@ static int redis_flush(struct broker *base)
     send_acks(b);
     if (rconn_connected(&b->main) && rconn_flush(&b->main) < 0)
         lost(b, b->main.errstr);
+    if (rconn_connected(&b->block) && rconn_flush(&b->block) < 0) {
+        rconn_close(&b->block);
+        inbox_return(b, false);
+    }
     return 0;
 }
 
@@ -617,6 +906,8 @@ static void refresh_held(struct redis_broker *b, double now)
 {
     double period = b->visibility_timeout / 4;
     b->next_refresh = now + (period < 0.25 ? 0.25 : period > 30 ? 30 : period);
+    if (b->inbox_queue >= 0)
+        inbox_register(b, b->inbox_queue, false);
     if (!b->held.live)
         return;
     size_t argc = 3 + 2 * b->held.live, a = 0;
@@ -687,13 +978,20 @@ static int redis_next_tick_ms(const struct broker *base, double now)
 static bool redis_should_fetch(const struct broker *base)
 {
     const struct redis_broker *b = (const struct redis_broker *)base;
-    return b->fetches < MAX_FETCHES && b->maybe_ready && rconn_connected(&b->main);
+    return rconn_connected(&b->main) &&
+           ((b->fetches < MAX_FETCHES && b->maybe_ready) || (b->block_armed && !b->block_out));
 }
 
 static int redis_fetch_in_flight(const struct broker *base)
 {
     const struct redis_broker *b = (const struct redis_broker *)base;
     return b->fetch_requested;
+}
+
+static int redis_fetch_blocked(const struct broker *base)
+{
+    const struct redis_broker *b = (const struct redis_broker *)base;
+    return b->block_out ? 1 : 0;
 }
 
 static size_t redis_pending(const struct broker *base)
@@ -752,6 +1050,7 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
             rconn_command(&b->main, NULL, NULL, "CLIENT TRACKING OFF");
         b->tracking_on = false;
         b->maybe_ready = true;
+        b->block_armed = false;
     } else if (!b->tracking_on) {
         /* Empty again: switch invalidations on and look once more, since a message pushed between that
          * fetch and this command sent no invalidation. Redis runs both in order on this connection. */
@@ -760,6 +1059,8 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
         b->maybe_ready = true;
     } else {
         b->maybe_ready = b->wake_seq != f->wake_seq;
+        /* Empty, and nothing announced since it ran: the next fetch waits in BLMOVE. */
+        b->block_armed = !b->maybe_ready && b->block_ok;
     }
     free(f);
 }
@@ -767,7 +1068,14 @@ static void on_fetch_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
 static void redis_fetch(struct broker *base, int max)
 {
     struct redis_broker *b = (struct redis_broker *)base;
-    if (max <= 0 || b->fetches >= MAX_FETCHES)
+    if (max <= 0)
+        return;
+    if (!b->maybe_ready) {
+        if (b->block_armed)
+            block_wait(b);
+        return;
+    }
+    if (b->fetches >= MAX_FETCHES)
         return;
     if (max > MAX_FETCH)
         max = MAX_FETCH;
@@ -1027,6 +1335,14 @@ static int redis_restore_visible(struct broker *base, double now)
     }
     if (r)
         freeReplyObject(r);
+    redisReply *sw = rconn_call(&b->main, "EVALSHA %s 1 %s %.6f %s stale", b->sweep_sha, INBOX_REGISTRY, now, b->inbox);
+    if (sw && sw->type == REDIS_REPLY_INTEGER && sw->integer > 0) {
+        rconn_log(&b->main, BROKER_LOG_WARNING, "put %lld message(s) left in the inboxes of workers gone back on "
+                  "their queues", sw->integer);
+        restored += (int)sw->integer;
+    }
+    if (sw)
+        freeReplyObject(sw);
     redisReply *u = rconn_call(&b->main, "EVALSHA %s 1 unacked_mutex %s", b->unlock_sha, token);
     if (u)
         freeReplyObject(u);
@@ -1039,6 +1355,7 @@ static int redis_restore_visible(struct broker *base, double now)
  * prefixes that overlap ones already registered). Blocking for a round trip or two: control commands only. */
 static void retrack(struct redis_broker *b)
 {
+    block_cancel(b, true); /* it waits on one queue of the old set */
     b->maybe_ready = true; /* a queue just added may hold messages */
     if (!rconn_connected(&b->main))
         return; /* connect_broker sets tracking up when it reconnects */
@@ -1115,10 +1432,10 @@ static const char *redis_queue_name(const struct broker *base, size_t i, bool *c
     return b->queues[i];
 }
 
-/* Fetches are pulled (broker_fetch), so there is nothing to stop. */
+/* Fetches are pulled (broker_fetch): only a waiting BLMOVE has to be stopped. */
 static void redis_pause(struct broker *base)
 {
-    (void)base;
+    block_cancel((struct redis_broker *)base, true);
 }
 
 /* An unacked record outlives connections: nothing is taken back behind the worker's back. */
@@ -1134,4 +1451,5 @@ static const struct broker_ops redis_ops = {
     redis_defer, redis_restore_visible, redis_errstr, redis_add_queue, redis_cancel_queue, redis_queue_count,
     redis_queue_name, redis_delivery_lost,
     redis_ack, /* reject: kombu's Redis transport drops a rejected message as an ack does */
+    redis_fetch_blocked,
 };

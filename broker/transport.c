@@ -67,6 +67,11 @@ int broker_fetch_in_flight(const struct broker *b)
     return b->ops->fetch_in_flight(b);
 }
 
+int broker_fetch_blocked(const struct broker *b)
+{
+    return b->ops->fetch_blocked ? b->ops->fetch_blocked(b) : 0;
+}
+
 size_t broker_pending(const struct broker *b)
 {
     return b->ops->pending(b);

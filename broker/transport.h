@@ -32,6 +32,7 @@ struct broker_ops {
     const char *(*queue_name)(const struct broker *b, size_t i, bool *consumed);
     bool (*delivery_lost)(const struct broker *b, const struct broker_delivery *d);
     void (*reject)(struct broker *b, const char *tag);
+    int (*fetch_blocked)(const struct broker *b); /* optional: NULL means never */
 };
 
 /* The first member of every transport's own struct. */

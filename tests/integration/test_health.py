@@ -110,3 +110,12 @@ def test_readyz_red_while_the_consumer_is_stalled(workers, own_redis):
     finally:
         own_redis.proc.send_signal(signal.SIGCONT)
     wait_until(lambda: get(port, "/readyz")[0] == 200, timeout=20, what="/readyz green again")
+
+
+def test_readyz_stays_green_while_idle_past_the_stall_threshold(workers, own_redis):
+    """An idle worker waits in BLMOVE, which is answered only when a message comes: not a stall."""
+    port = free_port()
+    workers.start("-c", "1", "--http-port", port, "--http-bind", "127.0.0.1",
+                  broker_url=own_redis.url(0), backend_url=own_redis.url(1))
+    time.sleep(11)  # past the 10 s stall threshold, nothing sent
+    assert get(port, "/readyz") == (200, "ready\n")

@@ -209,3 +209,82 @@ def test_worker_survives_a_redis_restart(workers):
             if w.running():
                 w.stop()
         rs.cleanup()
+
+
+# -- the idle wait: BLMOVE into the worker's inbox (broker.h, DESIGN) --------------------------------------
+
+_inbox_only = pytest.mark.celeriac_only("celeriac's own idle wait (kombu waits in BRPOP)")
+
+INBOXES = "celeriac.inboxes"
+
+
+def inbox_keys(broker):
+    return sorted(k.decode() for k in broker.scan_iter("celeriac.inbox.*"))
+
+
+@_inbox_only
+def test_idle_wait_registers_its_inbox_and_leaves_nothing_behind(app, workers, broker):
+    w = workers.start("-c", "1")
+    for i in range(3):  # each one taken by the waiting BLMOVE, the worker idle in between
+        assert app.send_task("native.add", args=[i, 1]).get(timeout=TIMEOUT) == i + 1
+        time.sleep(0.1)
+    [(inbox, value)] = broker.hgetall(INBOXES).items()
+    deadline, queue = value.decode().split(" ", 1)
+    assert queue == "celery" and float(deadline) > time.time()
+    assert inbox.decode().startswith("celeriac.inbox.") and broker.llen(inbox) == 0
+    wait_drained(broker)
+    assert w.stop(signal.SIGTERM, TIMEOUT) == 0
+    assert broker.hlen(INBOXES) == 0 and inbox_keys(broker) == []
+    assert broker_snapshot(broker) == (0, 0)
+
+
+@_inbox_only
+def test_priority_message_reaches_a_worker_waiting_on_the_base_list(app, workers, broker):
+    """The BLMOVE waits on the queue's base list; a message in a priority sub-list wakes the worker through the
+    key invalidations."""
+    workers.start("-c", "1")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    time.sleep(0.2)
+    r = app.send_task("native.add", args=[40, 2], priority=9)
+    assert r.get(timeout=TIMEOUT) == 42
+
+
+@_inbox_only
+def test_a_killed_idle_worker_takes_nothing_with_it(app, workers, broker):
+    w = workers.start("-c", "1")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    time.sleep(0.2)  # waiting in BLMOVE now
+    w.kill()
+    r = app.send_task("native.incr", args=["after-kill"])
+    time.sleep(0.3)
+    assert broker_snapshot(broker) == (1, 0), "the dead worker's BLMOVE took a message"
+    workers.start("-c", "1")
+    assert r.get(timeout=TIMEOUT) == 1
+
+
+@_inbox_only
+def test_an_orphaned_inbox_goes_back_to_its_queue_once_its_lease_ran_out(app, workers, broker):
+    """A worker killed between its BLMOVE and the record leaves the message in its inbox; any worker puts it
+    back on the queue (oldest next) once the lease is past, and leaves a live worker's inbox alone."""
+    first = task_envelope("native.incr", args=["orphan-1"])
+    second = task_envelope("native.incr", args=["orphan-2"])
+    dead, alive = "celeriac.inbox.deadbeef", "celeriac.inbox.alive"
+    broker.lpush(dead, json.dumps(first))   # BLMOVE pushes at the left: first is the oldest (right end)
+    broker.lpush(dead, json.dumps(second))
+    broker.hset(INBOXES, dead, f"{time.time() - 1:.6f} celery")
+    kept = task_envelope("native.incr", args=["alive"])
+    broker.lpush(alive, json.dumps(kept))
+    broker.hset(INBOXES, alive, f"{time.time() + 600:.6f} celery")
+    # Consuming another queue, so the messages put back stay where their order can be seen.
+    w = workers.start("-c", "1", "-Q", "elsewhere", "--visibility-timeout", "2")
+    wait_until(lambda: broker.llen("celery") == 2, what="the orphaned inbox back on its queue")
+    assert [m["headers"]["id"] for m in queue_messages(broker)] == \
+        [first["headers"]["id"], second["headers"]["id"]], "not in the order they were taken"
+    assert not broker.exists(dead) and not broker.hexists(INBOXES, dead)
+    assert broker.llen(alive) == 1 and broker.hexists(INBOXES, alive)
+    assert "inboxes of workers gone back" in w.log()
+    workers.stop(w)
+    workers.start("-c", "1")
+    assert app.AsyncResult(first["headers"]["id"]).get(timeout=TIMEOUT) == 1
+    assert app.AsyncResult(second["headers"]["id"]).get(timeout=TIMEOUT) == 1
+    assert broker.get("orphan-1") == b"1" and broker.get("orphan-2") == b"1" and broker.get("alive") is None
