@@ -1479,6 +1479,12 @@ int consumer_run(const struct config *cfg)
         if (n > 0) {
             pool_process(c->pool, fds + pfirst, pcount);
             broker_process(c->broker, fds + bfirst, bcount);
+            if (c->ready.len && !c->stopping) {
+                /* A task that just came goes to a process now, not after the rest of the pass: the result
+                 * latency of a task arriving at an idle worker is mostly this hand-over. */
+                dispatch(c);
+                pool_flush(c->pool);
+            }
             bus_process(c->bus, fds + busfirst, buscount);
             if (c->backend)
                 backend_process(c->backend, fds + befirst, becount);
@@ -1491,7 +1497,7 @@ int consumer_run(const struct config *cfg)
         if (c->http)
             http_process(c->http, fds + hfirst, n > 0 ? hcount : 0, now);
         /* On AMQP the window stays open while the queues are idle (the broker pushes): no fetch to stall. */
-        if (broker_fetch_in_flight(c->broker) == 0 || c->broker_ep.kind == BROKER_AMQP)
+        if (broker_fetch_in_flight(c->broker) == broker_fetch_blocked(c->broker) || c->broker_ep.kind == BROKER_AMQP)
             c->broker_progress = now;
         broker_tick(c->broker, now);
         bool up = broker_connected(c->broker);
