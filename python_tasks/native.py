@@ -45,7 +45,8 @@ def fib_tree(n, cutoff):
 
 @app.task(name="native.incr", shared=False)
 def incr(key):
-    """INCR key in the broker's Redis database, -> the new value."""
+    """INCR key in the broker's Redis database (the result backend's when the broker is not Redis), -> the new
+    value."""
     _native_only("native.incr")
 
 

@@ -22,7 +22,7 @@ static const struct task_def registry[] = {
          "-> the n-th Fibonacci number by naive recursion; ValueError unless 0 <= n <= 92."),
     TASK("native.fib_tree", task_builtin_fib_tree, "n, cutoff",
          "-> fib(n), computed as a tree of subtasks above the cutoff, joined by continuations (no task waits)."),
-    TASK("native.incr", task_builtin_incr, "key", "INCR key in the broker's Redis database, -> the new value."),
+    TASK("native.incr", task_builtin_incr, "key", "INCR key in the broker's Redis database (the result backend's when the broker is not Redis), -> the new value."),
     TASK("native.noop", task_builtin_noop, "", "-> None"),
     TASK("native.pg_aggregate", db_task_aggregate, "table, group_by, column",
          "-> [[group, count, sum, min, max], ...] of column per value of group_by (a column, a list of columns, or "

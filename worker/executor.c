@@ -154,14 +154,22 @@ static double monotonic(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* The Redis a task talks to (native.incr): the broker's, or the result backend's when the broker is not Redis,
+ * as the built-in's contract says. */
 static redisContext *task_redis(struct task_ctx *ctx)
 {
     struct executor *ex = ctx->host;
-    if (!ex->opt.redis || broker_is_amqp(&ex->opt)) {
-        task_fail(ctx, "ConnectionError", "this worker has no Redis for tasks (the broker is not Redis)");
+    char err[256];
+    if (broker_is_amqp(&ex->opt)) {
+        redisContext *c = canvas_backend(ex, err, sizeof err);
+        if (!c)
+            task_fail(ctx, "ConnectionError", "%s", err);
+        return c;
+    }
+    if (!ex->opt.redis) {
+        task_fail(ctx, "ConnectionError", "this worker has no Redis for tasks");
         return NULL;
     }
-    char err[256];
     redisContext *c = connection(&ex->conn, ex->opt.redis, err, sizeof err);
     if (!c)
         task_fail(ctx, "ConnectionError", "%s", err);

@@ -77,6 +77,15 @@ def test_errors_and_unregistered(amqp_app, workers, rabbit, queue):
     assert amqp_app.tasks["native.add"].delay(1, 1).get(timeout=TIMEOUT) == 2  # the pool recovered
 
 
+def test_incr_counts_in_the_result_backend_redis(amqp_app, workers, rabbit, redis_server, queue):
+    """native.incr's contract: the broker's Redis, or the result backend's when the broker is not Redis."""
+    start(workers, rabbit, queue)
+    key = f"amqp-incr-{queue}"
+    results = [amqp_app.tasks["native.incr"].delay(key) for _ in range(5)]
+    assert sorted(r.get(timeout=TIMEOUT) for r in results) == [1, 2, 3, 4, 5]
+    assert redis_server.client(1).get(key) == b"5"
+
+
 def test_unusable_messages_are_rejected_to_the_dead_letter_exchange(amqp_app, workers, rabbit, queue):
     """As the stock consumer: an unknown task is rejected (not acked), so a queue's dead-letter exchange keeps
     it, after its NotRegistered FAILURE is stored; a task that ran is acked and never dead-lettered."""
