@@ -1035,6 +1035,7 @@ static void dispatch(struct consumer *c)
                                                           : c->cfg->time_limit;
         double soft_limit = tl && tl->soft_limit > 0 ? tl->soft_limit : def ? def->soft_time_limit : 0;
         cs->backlog += cost;
+        cs->writes++;
         pool_submit(c->pool, best, j->seq, soft_limit, j->delivery->raw, j->delivery->len);
         list_push(&cs->jobs, j);
         if (!c->cfg->acks_late && !(def && def->acks_late))

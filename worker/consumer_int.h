@@ -54,6 +54,7 @@ struct child_state {
     uint64_t revoked_seq; /* the task the child was signalled for by revoke(terminate=True), else 0 */
     int revoke_signal;    /* the signal sent for it */
     double backlog;       /* sum of the expected runtimes of those jobs */
+    unsigned long writes; /* tasks sent to the process at this index (stats: pool.writes) */
 };
 
 /* Expected runtime per task name (an moving average), so that short tasks are queued to children ahead of

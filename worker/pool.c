@@ -452,6 +452,12 @@ bool pool_child_alive(const struct pool *p, int child)
     return p->children[child].fd >= 0;
 }
 
+bool pool_child_writing(const struct pool *p, int child)
+{
+    const struct child *c = &p->children[child];
+    return c->fd >= 0 && c->out.len > c->out_sent;
+}
+
 bool pool_child_leaving(const struct pool *p, int child)
 {
     return p->children[child].leaving;

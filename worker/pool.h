@@ -70,6 +70,8 @@ int pool_size(const struct pool *p);
 /* Whether the child at this index lives and takes new work (not empty, not leaving). */
 bool pool_accepts(const struct pool *p, int child);
 bool pool_child_alive(const struct pool *p, int child);
+/* Whether frames wait to be written to it (the socket was full): Celery's "active" inqueue writes. */
+bool pool_child_writing(const struct pool *p, int child);
 /* Its pid (meaningful while pool_child_alive, and in on_child_exit). */
 pid_t pool_child_pid(const struct pool *p, int child);
 /* Whether it was told to leave (shrink or restart): its exit is a planned one. */

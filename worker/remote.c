@@ -119,6 +119,37 @@ static json_t *cmd_revoked(struct consumer *c, const json_t *args)
     return revoked_list(c->revoked, epoch_now());
 }
 
+/* Celery's prefork pool human_write_stats(): tasks written per process, as shares of the total (indexes that
+ * got none are not listed, as in its Counter), the scheduling strategy, and the inqueues. */
+static json_t *pool_write_stats(const struct consumer *c)
+{
+    unsigned long total = 0, listed = 0;
+    for (int i = 0; i < c->nchildren; i++)
+        total += c->children[i].writes;
+    struct buf all = {0}, raw = {0};
+    int live = 0, writing = 0;
+    for (int i = 0; i < pool_capacity(c->pool); i++) {
+        live += pool_child_alive(c->pool, i);
+        writing += pool_child_writing(c->pool, i);
+    }
+    for (int i = 0; i < c->nchildren; i++) {
+        unsigned long v = c->children[i].writes;
+        if (!v)
+            continue;
+        buf_printf(&all, "%s%.2f", listed ? ", " : "", (double)v / (double)total);
+        buf_printf(&raw, "%s%lu", listed ? ", " : "", v);
+        listed++;
+    }
+    char avg[32];
+    snprintf(avg, sizeof avg, "%.2f", listed ? 1.0 / (double)listed : 0.0);
+    json_t *out = json_pack("{s:I, s:s, s:s, s:s, s:s, s:{s:i, s:i}}", "total", (json_int_t)total, "avg", avg, "all",
+                            all.data ? all.data : "", "raw", raw.data ? raw.data : "", "strategy", "fair", "inqueues",
+                            "total", live, "active", writing);
+    buf_free(&all);
+    buf_free(&raw);
+    return out;
+}
+
 static json_t *cmd_stats(struct consumer *c, const json_t *args)
 {
     (void)args;
@@ -132,11 +163,12 @@ static json_t *cmd_stats(struct consumer *c, const json_t *args)
             json_array_append_new(pids, json_integer(pool_child_pid(c->pool, i)));
     json_t *mtpc = c->cfg->max_tasks_per_child ? json_integer(c->cfg->max_tasks_per_child) : json_string("N/A");
     json_t *out = json_pack(
-        "{s:O, s:i, s:s, s:I, s:{s:i, s:o, s:o, s:b, s:[f, f], s:{}}, "
+        "{s:O, s:i, s:s, s:I, s:{s:i, s:o, s:o, s:b, s:[f, f], s:o}, "
         "s:{s:s, s:s?, s:s, s:i, s:b, s:b, s:s, s:i, s:{}, s:n, s:n, s:f, s:s, s:[]}, s:i, s:o}",
         "total", c->totals, "pid", (int)getpid(), "clock", clock, "uptime", (json_int_t)(epoch_now() - c->started_at),
         "pool", "max-concurrency", pool_size(c->pool), "processes", pids, "max-tasks-per-child", mtpc,
         "put-guarded-by-semaphore", 0, "timeouts", c->cfg->soft_time_limit, c->cfg->time_limit, "writes",
+        pool_write_stats(c),
         "broker", "hostname", c->broker_url.host ? c->broker_url.host : c->broker_url.socket, "userid",
         c->broker_url.username, "virtual_host", amqp ? c->broker_ep.vhost : vhost, "port", c->broker_url.port, "insist",
         0, "ssl", amqp && c->broker_ep.tls, "transport",

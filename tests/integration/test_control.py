@@ -53,6 +53,9 @@ def test_inspect_commands(app, workers):
         assert key in stats, key
     assert stats["total"] == {"native.sleep_ms": 1} and stats["prefetch_count"] == 4
     assert stats["pool"]["max-concurrency"] == 1 and len(stats["pool"]["processes"]) == 1
+    # The prefork pool's human_write_stats(): one task written so far (the waiting one is not: fair strategy).
+    assert stats["pool"]["writes"] == {"total": 1, "avg": "1.00", "all": "1.00", "raw": "1", "strategy": "fair",
+                                       "inqueues": {"total": 1, "active": 0}}
     assert isinstance(stats["clock"], str) and stats["broker"]["transport"] == "redis"
     assert stats["rusage"]["maxrss"] > 0
 
