@@ -2,7 +2,11 @@
  *
  * Every generation is loaded from a directory of its own (/tmp/celeriac-tasks-XXXXXX/gen-N): dlopen hands
  * back the module already loaded under a path it has seen, so a rebuilt module must have a new path. A
- * source directory is compiled there; prebuilt .so files are copied there. */
+ * source directory is compiled there; prebuilt .so files are copied there.
+ *
+ * In dev mode the compiler runs in a forked builder process, so the worker keeps serving while cc works (a
+ * rebuild takes a few hundred milliseconds); taskdir_tick looks at the builder every BUILD_POLL_S and loads
+ * the generation once it is built. A change made meanwhile schedules another rebuild after this one. */
 #include "taskdir.h"
 
 #include <errno.h>
@@ -10,8 +14,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/inotify.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <dirent.h>
 
@@ -19,6 +26,7 @@
 #include "modules.h"
 
 #define REBUILD_DELAY_S 0.25 /* an editor saves in several writes: wait for the burst to end */
+#define BUILD_POLL_S 0.02     /* how often a running build is looked at */
 
 struct taskdir {
     char *path;               /* owned: as given */
@@ -28,6 +36,10 @@ struct taskdir {
     struct task_modules *mods; /* owned: the generation in use */
     int ifd;                  /* inotify (dev mode), else -1 */
     double due;               /* when a scheduled rebuild runs (monotonic seconds); 0: none */
+    pid_t builder;            /* the background build of generation gen + 1 (dev mode), else 0 */
+    int build_fd;             /* its output (the compiler's messages), read end; -1 when none */
+    char *build_diag;         /* owned: what it printed so far */
+    size_t build_len;
 };
 
 static void gen_dir(const struct taskdir *t, unsigned gen, char *dst, size_t len)
@@ -142,31 +154,13 @@ static void log_tasks(const struct taskdir *t, const char *verb)
     log_msg(LOG_INFO, "%s %zu task module(s) from %s: %s", verb, task_modules_count(t->mods), t->path, names);
 }
 
-/* Builds or copies, then loads, generation t->gen + 1; on success it becomes the registered one. */
-static int next_generation(struct taskdir *t, char *err, size_t errlen)
+/* Loads the built or copied generation t->gen + 1 from its directory; on success it becomes the registered one,
+ * else the directory is removed. */
+static int install_generation(struct taskdir *t, char *err, size_t errlen)
 {
     unsigned gen = t->gen + 1;
     char dir[128];
     gen_dir(t, gen, dir, sizeof dir);
-    if (mkdir(dir, 0700) < 0) {
-        snprintf(err, errlen, "cannot create %s: %s", dir, strerror(errno));
-        return -1;
-    }
-    if (t->sources) {
-        char *diag = NULL;
-        int built = task_modules_build(t->path, dir, &diag);
-        log_compiler_output(diag, built < 0);
-        free(diag);
-        if (built < 0) {
-            snprintf(err, errlen, "building the task modules in %s failed (the compiler's messages are above)",
-                     t->path);
-            remove_dir(dir);
-            return -1;
-        }
-    } else if (copy_modules(t->path, dir, err, errlen) < 0) {
-        remove_dir(dir);
-        return -1;
-    }
     struct task_modules *mods = task_modules_load(dir, err, errlen);
     if (!mods) {
         remove_dir(dir);
@@ -187,12 +181,150 @@ static int next_generation(struct taskdir *t, char *err, size_t errlen)
     return 0;
 }
 
+static int make_generation_dir(const struct taskdir *t, char *dir, size_t len, char *err, size_t errlen)
+{
+    gen_dir(t, t->gen + 1, dir, len);
+    if (mkdir(dir, 0700) < 0) {
+        snprintf(err, errlen, "cannot create %s: %s", dir, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+static int build_failed(const struct taskdir *t, const char *dir, char *err, size_t errlen)
+{
+    snprintf(err, errlen, "building the task modules in %s failed (the compiler's messages are above)", t->path);
+    remove_dir(dir);
+    return -1;
+}
+
+/* Builds or copies, then loads, generation t->gen + 1, in this process. */
+static int next_generation(struct taskdir *t, char *err, size_t errlen)
+{
+    char dir[128];
+    if (make_generation_dir(t, dir, sizeof dir, err, errlen) < 0)
+        return -1;
+    if (t->sources) {
+        char *diag = NULL;
+        int built = task_modules_build(t->path, dir, &diag);
+        log_compiler_output(diag, built < 0);
+        free(diag);
+        if (built < 0)
+            return build_failed(t, dir, err, errlen);
+    } else if (copy_modules(t->path, dir, err, errlen) < 0) {
+        remove_dir(dir);
+        return -1;
+    }
+    return install_generation(t, err, errlen);
+}
+
+/* Forks the builder of generation t->gen + 1: it runs the compiler and writes its messages to a pipe; its exit
+ * status says whether the build succeeded. */
+static int start_build(struct taskdir *t, char *err, size_t errlen)
+{
+    char dir[128];
+    if (make_generation_dir(t, dir, sizeof dir, err, errlen) < 0)
+        return -1;
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        snprintf(err, errlen, "pipe: %s", strerror(errno));
+        remove_dir(dir);
+        return -1;
+    }
+    log_flush(); /* or the builder would write the lines buffered here a second time */
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(err, errlen, "fork: %s", strerror(errno));
+        close(fds[0]);
+        close(fds[1]);
+        remove_dir(dir);
+        return -1;
+    }
+    if (pid == 0) {
+        /* Touches nothing of the worker's (connections, pool sockets): builds, reports, leaves. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        signal(SIGINT, SIG_IGN);
+        signal(SIGTERM, SIG_DFL);
+        close(fds[0]);
+        char *diag = NULL;
+        int built = task_modules_build(t->path, dir, &diag);
+        for (size_t off = 0, len = diag ? strlen(diag) : 0; off < len;) {
+            ssize_t w = write(fds[1], diag + off, len - off);
+            if (w <= 0)
+                break;
+            off += (size_t)w;
+        }
+        _exit(built < 0 ? 1 : 0);
+    }
+    close(fds[1]);
+    fcntl(fds[0], F_SETFL, O_NONBLOCK);
+    t->builder = pid;
+    t->build_fd = fds[0];
+    t->build_len = 0;
+    return 0;
+}
+
+static void read_build_output(struct taskdir *t)
+{
+    for (;;) {
+        char chunk[4096];
+        ssize_t n = read(t->build_fd, chunk, sizeof chunk);
+        if (n <= 0)
+            return;
+        char *grown = realloc(t->build_diag, t->build_len + (size_t)n + 1);
+        if (!grown)
+            abort();
+        t->build_diag = grown;
+        memcpy(t->build_diag + t->build_len, chunk, (size_t)n);
+        t->build_len += (size_t)n;
+        t->build_diag[t->build_len] = '\0';
+    }
+}
+
+/* Ends the builder: waited for (block) or only looked at. Returns 1 when it is done and its generation is
+ * installed, -1 when it failed (logged), 0 while it runs. */
+static int finish_build(struct taskdir *t, bool block, char *err, size_t errlen)
+{
+    read_build_output(t);
+    int status = 0;
+    pid_t r;
+    while ((r = waitpid(t->builder, &status, block ? 0 : WNOHANG)) < 0 && errno == EINTR)
+        ;
+    if (r == 0)
+        return 0;
+    read_build_output(t);
+    close(t->build_fd);
+    t->build_fd = -1;
+    t->builder = 0;
+    bool ok = r > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    log_compiler_output(t->build_diag, !ok);
+    free(t->build_diag);
+    t->build_diag = NULL;
+    t->build_len = 0;
+    char dir[128];
+    gen_dir(t, t->gen + 1, dir, sizeof dir);
+    if (!ok)
+        return build_failed(t, dir, err, errlen);
+    return install_generation(t, err, errlen) < 0 ? -1 : 1;
+}
+
+/* A build that is no longer wanted (a reload now, or closing). */
+static void cancel_build(struct taskdir *t)
+{
+    if (!t->builder)
+        return;
+    kill(t->builder, SIGKILL);
+    char err[256];
+    finish_build(t, true, err, sizeof err); /* reaps it; a killed build counts as failed, its directory removed */
+}
+
 struct taskdir *taskdir_open(const char *path, bool watch, char *err, size_t errlen)
 {
     struct taskdir *t = calloc(1, sizeof *t);
     if (!t || !(t->path = strdup(path)))
         abort();
     t->ifd = -1;
+    t->build_fd = -1;
     struct stat st;
     t->sources = stat(path, &st) == 0 && S_ISDIR(st.st_mode) && task_modules_has_sources(path);
     if (watch && !t->sources) {
@@ -227,6 +359,7 @@ void taskdir_close(struct taskdir *t)
 {
     if (!t)
         return;
+    cancel_build(t);
     if (t->mods)
         task_registry_use(NULL, 0);
     task_modules_free(t->mods);
@@ -267,7 +400,11 @@ void taskdir_on_readable(struct taskdir *t, double now)
 
 int taskdir_next_ms(const struct taskdir *t, double now)
 {
-    if (!t || t->due <= 0)
+    if (!t)
+        return -1;
+    if (t->builder)
+        return (int)(BUILD_POLL_S * 1000);
+    if (t->due <= 0)
         return -1;
     return t->due <= now ? 0 : (int)((t->due - now) * 1000) + 1;
 }
@@ -276,6 +413,7 @@ int taskdir_reload(struct taskdir *t)
 {
     char err[512];
     t->due = 0;
+    cancel_build(t);
     if (next_generation(t, err, sizeof err) < 0) {
         log_msg(LOG_ERROR, "%s; the previous version keeps serving", err);
         return -1;
@@ -286,9 +424,28 @@ int taskdir_reload(struct taskdir *t)
 
 int taskdir_tick(struct taskdir *t, double now)
 {
-    if (!t || t->due <= 0 || now < t->due)
+    if (!t)
         return 0;
-    return taskdir_reload(t);
+    char err[512];
+    if (t->builder) {
+        int done = finish_build(t, false, err, sizeof err);
+        if (done == 0)
+            return 0;
+        if (done < 0) {
+            log_msg(LOG_ERROR, "%s; the previous version keeps serving", err);
+            return -1;
+        }
+        log_tasks(t, "Reloaded");
+        return 1;
+    }
+    if (t->due <= 0 || now < t->due)
+        return 0;
+    t->due = 0; /* a change from now on schedules the next build */
+    if (start_build(t, err, sizeof err) < 0) {
+        log_msg(LOG_ERROR, "%s; the previous version keeps serving", err);
+        return -1;
+    }
+    return 0;
 }
 
 size_t taskdir_task_count(const struct taskdir *t)

@@ -21,11 +21,13 @@ int taskdir_fd(const struct taskdir *t);
 void taskdir_on_readable(struct taskdir *t, double now);
 /* Milliseconds until a scheduled rebuild, or -1 when none. */
 int taskdir_next_ms(const struct taskdir *t, double now);
-/* Runs a scheduled rebuild when due. Returns 1 when a new generation is registered (the caller restarts the
- * pool so that new tasks run it), 0 when nothing happened, -1 when the build or load failed (logged; the
- * previous generation stays registered). */
+/* Starts a scheduled rebuild when due, in a background builder process, and installs its generation once it is
+ * built (taskdir_next_ms asks to be called again meanwhile). Returns 1 when a new generation is registered
+ * (the caller restarts the pool so that new tasks run it), 0 when nothing happened yet, -1 when the build or
+ * load failed (logged; the previous generation stays registered). */
 int taskdir_tick(struct taskdir *t, double now);
-/* Rebuilds (for a source directory) or reloads now, as taskdir_tick does when due (pool_restart control). */
+/* Rebuilds (for a source directory) or reloads now, in this process, dropping a background build under way
+ * (pool_restart control). */
 int taskdir_reload(struct taskdir *t);
 /* Modules and tasks of the generation in use. */
 size_t taskdir_task_count(const struct taskdir *t);

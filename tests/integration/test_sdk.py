@@ -71,6 +71,26 @@ def test_new_task_runs_unedited_and_hot_reloads_without_losing_messages(tmp_path
                what="the fixed code serving", interval=0.2)
 
 
+def test_dev_rebuild_runs_beside_the_worker(tmp_path, app, workers):
+    """The compiler runs in a background process: while a (deliberately slow) rebuild is under way, tasks keep
+    being answered at once, and the new generation is swapped in when the build ends."""
+    d = new_task(tmp_path)
+    slow_cc = tmp_path / "slow-cc"
+    slow_cc.write_text("#!/bin/sh\nsleep 2\nexec cc \"$@\"\n")
+    slow_cc.chmod(0o755)
+    w = workers.start("-c", "1", "--tasks", str(d), "--dev", env={"CC": str(slow_cc)})
+    assert app.send_task("native.score", args=[[1]]).get(timeout=TIMEOUT) == 1
+    rewrite(d / "score.c", "json_integer(total * weight)", "json_integer(total * weight + 1000)")
+    time.sleep(0.5)  # past the 0.25 s debounce: the build has started and takes 2 s more
+    for i in range(5):
+        t0 = time.monotonic()
+        assert app.send_task("native.add", args=[i, 1]).get(timeout=TIMEOUT) == i + 1
+        assert time.monotonic() - t0 < 1.0, "the worker stalled while the compiler ran"
+    assert "Reloaded" not in w.log(), "the slow build cannot have finished yet"
+    w.wait_log(r"Reloaded 1 task module\(s\)", timeout=20)
+    assert app.send_task("native.score", args=[[1]]).get(timeout=TIMEOUT) == 1001
+
+
 MODULE = r"""
 #include <celeriac.h>
 #include <time.h>
