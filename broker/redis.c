@@ -596,8 +596,11 @@ static void block_wait(struct redis_broker *b)
     int q = single_queue(b);
     if (q < 0 || !b->block_ok || !b->tracking_on || b->block_out || !block_open(b))
         return;
-    if (b->inbox_queue != q && inbox_register(b, q, true) < 0)
+    if (b->inbox_queue != q && inbox_register(b, q, true) < 0) {
+        rconn_log(&b->main, BROKER_LOG_WARNING, "cannot register the inbox; waiting on invalidations alone");
+        b->block_ok = false; /* not tried again on every idle turn */
         return;
+    }
     rconn_command(&b->block, on_block_reply, b, "BLMOVE %s %s RIGHT LEFT 0", b->keys[(size_t)q * NPRIO], b->inbox);
     b->block_queue = q;
     b->block_out = true;
