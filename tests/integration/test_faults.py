@@ -43,6 +43,28 @@ def test_acl_user_and_password(workers, redis_server):
         admin.execute_command("ACL", "DELUSER", "celeriac-user")
 
 
+def test_without_blmove_the_idle_worker_waits_on_invalidations(workers, redis_server):
+    """An ACL that forbids BLMOVE: the idle wait falls back to the key invalidations, with a warning."""
+    admin = redis_server.client(0)
+    admin.execute_command("ACL", "SETUSER", "celeriac-noblock", "on", ">pw", "~*", "&*", "+@all", "-blmove")
+    try:
+        port = redis_server.port
+        broker = f"redis://celeriac-noblock:pw@127.0.0.1:{port}/0"
+        backend = f"redis://celeriac-noblock:pw@127.0.0.1:{port}/1"
+        w = workers.start("-c", "1", broker_url=broker, backend_url=backend)
+        app = make_client(broker, backend)
+        try:
+            for i in range(3):  # the worker idle before each one
+                assert app.send_task("native.add", args=[i, 1]).get(timeout=TIMEOUT) == i + 1
+                time.sleep(0.2)
+        finally:
+            close_client(app)
+        assert "BLMOVE failed" in w.log() and "waiting on invalidations alone" in w.log()
+        assert admin.llen("celery") == 0 and admin.hlen("unacked") == 0
+    finally:
+        admin.execute_command("ACL", "DELUSER", "celeriac-noblock")
+
+
 def test_wrong_password_is_a_clear_error(workers, redis_server):
     admin = redis_server.client(0)
     admin.execute_command("ACL", "SETUSER", "celeriac-user2", "on", ">right-pw", "~*", "&*", "+@all")
