@@ -194,6 +194,73 @@ static void test_raw_rows(void **state)
                             err, sizeof err),
                      0);
     db_buf_free(&c.out);
+    /* Lists whose row count a structural pass could get wrong: brackets, commas, quotes and backslashes inside
+     * strings, nested lists and objects, bare values, whitespace everywhere. The count must be jansson's. */
+    static const char *const tricky[] = {
+        "[]", " [ ] ", "[[]]", "[ [ ] , [ ] ]", "[[\"],[\", \"\\\\\"], [\"\\\"]\", 1]]",
+        "[[{\"a,b\": [1, 2, {\"]\": \"[\"}]}, \"}\"], 3, \"x\", null, {\"k\": [[]]}]",
+        "\n[\t[1 ,2 ] ,\r\n[3] ]\n", "[[\"\\\\\"], [\"\\\\\\\"\\\\\"]]",
+    };
+    for (size_t i = 0; i < sizeof tricky / sizeof tricky[0]; i++) {
+        json_error_t jerr;
+        json_t *j = json_loads(tricky[i], JSON_ALLOW_NUL, &jerr);
+        assert_non_null(j);
+        struct db_raw_rows r;
+        assert_int_equal(db_raw_rows_open(&r, tricky[i], strlen(tricky[i])), 0);
+        assert_int_equal(r.count, json_array_size(j));
+        struct db_value vals[4];
+        size_t n, rows = 0;
+        bool is_list;
+        int rc;
+        while ((rc = db_raw_rows_next(&r, vals, 4, &n, &is_list)) == 1)
+            rows++;
+        assert_int_equal(rc, 0);
+        assert_int_equal(rows, json_array_size(j));
+        db_raw_rows_close(&r);
+        json_decref(j);
+    }
+    /* Long lists, so that the 64-byte blocks of the count start everywhere: inside strings (with and without
+     * escapes), on brackets, commas and quotes. */
+    static const char *const pieces[] = {"[1, \"a,]\"]", "{\"k[\": [[], {}], \"v\": \"}\"}", "\"\\\"],[\"",
+                                         "[[[\",\"]]]", "[\"x\\\\\", \"\\\\\"]", "17", "null",
+                                         "[\"0123456789abcdefghijklmnopqrstuvwxyz,[]{}0123456789\"]"};
+    for (size_t shift = 0; shift < 70; shift += 3) {
+        struct db_buf text = {0};
+        db_buf_puts(&text, "[");
+        for (size_t pad = 0; pad < shift; pad++)
+            db_buf_puts(&text, " ");
+        for (size_t i = 0; i < 300; i++) {
+            if (i)
+                db_buf_puts(&text, i % 7 ? "," : " ,\n ");
+            db_buf_puts(&text, pieces[(i * 5 + shift) % (sizeof pieces / sizeof pieces[0])]);
+        }
+        db_buf_puts(&text, " ]");
+        json_error_t jerr;
+        json_t *j = json_loads(text.data, JSON_ALLOW_NUL, &jerr);
+        assert_non_null(j);
+        struct db_raw_rows r;
+        assert_int_equal(db_raw_rows_open(&r, text.data, text.len), 0);
+        assert_int_equal(r.count, json_array_size(j));
+        struct db_value vals[4];
+        size_t n, rows = 0;
+        bool is_list;
+        int rc;
+        while ((rc = db_raw_rows_next(&r, vals, 4, &n, &is_list)) == 1)
+            rows++;
+        assert_int_equal(rc, 0);
+        assert_int_equal(rows, r.count);
+        db_raw_rows_close(&r);
+        /* Cut short anywhere inside, the list does not end: open or the reading must say so. */
+        for (size_t cut = 1; cut < text.len; cut += 97) {
+            rc = db_raw_rows_open(&r, text.data, text.len - cut);
+            while (rc == 0 || rc == 1)
+                rc = db_raw_rows_next(&r, vals, 4, &n, &is_list);
+            assert_int_equal(rc, DB_RAW_MALFORMED);
+            db_raw_rows_close(&r);
+        }
+        json_decref(j);
+        db_buf_free(&text);
+    }
     /* What must fail as the whole body would have failed to parse. */
     static const struct {
         const char *text;
@@ -203,11 +270,18 @@ static void test_raw_rows(void **state)
         {"[[01]]", DB_RAW_MALFORMED},      {"[[\"\\ud800\"]]", DB_RAW_MALFORMED}, {"[[\"a\tb\"]]", DB_RAW_MALFORMED},
         {"[[\"\xc3\"]]", DB_RAW_MALFORMED}, {"[[1,]]", DB_RAW_MALFORMED},          {"[[tru]]", DB_RAW_MALFORMED},
         {"[[9223372036854775808]]", DB_RAW_OVERFLOW}, {"[[1e400]]", DB_RAW_OVERFLOW},
+        /* The count looks at the structure only: what it would count wrong must fail when read. */
+        {"[[1] [2]]", DB_RAW_MALFORMED}, {"[[1],]", DB_RAW_MALFORMED}, {"[,[1]]", DB_RAW_MALFORMED},
+        {"[[1],,[2]]", DB_RAW_MALFORMED}, {"[[1]] [2]", DB_RAW_MALFORMED}, {"[[1]]]", DB_RAW_MALFORMED},
+        {"[[1], [2}]", DB_RAW_MALFORMED}, {"[[\"a\\\"]]", DB_RAW_MALFORMED}, {"[[1], [2], 3 4]", DB_RAW_MALFORMED},
+        {"[[1], [\"x\"] ", DB_RAW_MALFORMED}, {"[", DB_RAW_MALFORMED}, {"[[1], [2]], ", DB_RAW_MALFORMED},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         struct db_raw_rows r;
         int rc = db_raw_rows_open(&r, bad[i].text, strlen(bad[i].text));
-        if (rc == 0) { /* out-of-range numbers are found when their row is read */
+        /* Out-of-range numbers and malformed values are found when their row is read, at the latest by the
+         * read after the last row, as copy_rows reads them. */
+        while (rc == 0 || rc == 1) {
             struct db_value vals[4];
             size_t n;
             bool is_list;
