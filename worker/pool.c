@@ -244,8 +244,10 @@ static ssize_t read_frames(int fd, struct buf *in, struct fd_fifo *fifo)
             int got;
             memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof got);
             if (fifo->head + fifo->len == fifo->cap) {
-                memmove(fifo->fds, fifo->fds + fifo->head, fifo->len * sizeof *fifo->fds);
-                fifo->head = 0;
+                if (fifo->head) {
+                    memmove(fifo->fds, fifo->fds + fifo->head, fifo->len * sizeof *fifo->fds);
+                    fifo->head = 0;
+                }
                 if (fifo->len == fifo->cap) {
                     fifo->cap = fifo->cap ? fifo->cap * 2 : 8;
                     if (!(fifo->fds = realloc(fifo->fds, fifo->cap * sizeof *fifo->fds)))
