@@ -28,7 +28,7 @@ enum { FRAME_TASK = 1, FRAME_RESULT = 2, FRAME_TASK_FD = 3 };
  *                  (SCM_RIGHTS) with the frame's first byte
  * RESULT payload:  u64 seq | u8 flags (1 failed, 2 stored, 4 retried) | f64 runtime | u32 doc length | doc | summary (rest) */
 #define FRAME_HEADER 5
-/* Messages this large go to the child in a memfd it maps, instead of through the socket: a 48 MB message
+/* Messages this large go to the child in a memfd it maps, instead of through the socket: a 60 MB message
  * took ~70 ms of socket round trips (a couple of hundred KiB per wakeup) on top of copying it into the frame
  * buffer; written into a memfd it is one copy, and the child reads it in place. */
 #define HANDOFF_MIN (1u << 20)
