@@ -18,7 +18,7 @@ How each figure is taken:
   reaches the client (AsyncResult.get). So it includes the worker's receiving and decoding of the message,
   the task, and storing the result; not the client's own serialization, which is the same for both workers
   and is reported apart (".delay() itself"). One task carries all the rows, as a user would send them; the
-  1,000,000-row message is about 48 MB, under celeriac's default --max-message-size of 64 MiB.
+  1,000,000-row message is about 60 MB, under celeriac's default --max-message-size of 64 MiB.
 - stock worker: `python3 -m celery -A python_tasks.fallbacks worker -P prefork -c 2`, whose
   native.pg_bulk_insert does `conn.execute(insert(table), [dict(...) for row in rows])` in one transaction
   (SQLAlchemy 1.4 + psycopg2, which batches with execute_values). celeriac: `-c 2`, release build

@@ -136,13 +136,15 @@ struct db_raw_rows {
     struct db_buf scratch; /* owned: the unescaped strings of the current row */
 };
 enum { DB_RAW_NOT_A_LIST = -1, DB_RAW_MALFORMED = -2, DB_RAW_OVERFLOW = -3 };
-/* Opens text[0..len) (borrowed), which must be a JSON list: checks its grammar and counts the rows. Returns 0,
- * DB_RAW_NOT_A_LIST or DB_RAW_MALFORMED (not valid JSON). A number that jansson would refuse as out of range
- * is reported by db_raw_rows_next, when its row is read. Close with db_raw_rows_close in every case. */
+/* Opens text[0..len) (borrowed), which must be a JSON list, and counts its rows from its structure alone.
+ * Returns 0, DB_RAW_NOT_A_LIST or DB_RAW_MALFORMED (the list does not end). The grammar is checked as the rows
+ * are read: any other malformation, or a number that jansson would refuse as out of range, is reported by
+ * db_raw_rows_next, at the latest by the call after the last row. Close with db_raw_rows_close in every case. */
 int db_raw_rows_open(struct db_raw_rows *r, const char *text, size_t len);
 /* The next row: for a list, its values into vals[0..max) and their number into *n (which may exceed max: the
  * extra ones are skipped), *is_list true; for anything else, the value itself into vals[0], *n = 1, *is_list
- * false. Strings are valid until the next call. Returns 1, 0 at the end, or DB_RAW_MALFORMED/OVERFLOW. */
+ * false. Strings are valid until the next call. Returns 1, 0 at the end (only whitespace after the list), or
+ * DB_RAW_MALFORMED/OVERFLOW. Read until it returns 0: only then is the whole text known to be valid. */
 int db_raw_rows_next(struct db_raw_rows *r, struct db_value *vals, size_t max, size_t *n, bool *is_list);
 void db_raw_rows_close(struct db_raw_rows *r);
 

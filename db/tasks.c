@@ -170,6 +170,20 @@ static int next_row(struct task_ctx *ctx, const char *fn, struct rows *r, size_t
     return rc;
 }
 
+/* After the last row of a raw list: the list must end there (the count came from its structure only).
+ * Returns 0, or -1 after task_fail. */
+static int rows_end(struct task_ctx *ctx, const char *fn, struct rows *r, const char *what)
+{
+    struct db_value spare;
+    size_t n;
+    bool is_list;
+    int rc = db_raw_rows_next(&r->raw, &spare, 1, &n, &is_list);
+    if (rc == 0)
+        return 0;
+    fail_raw(ctx, fn, what, rc == 1 ? DB_RAW_MALFORMED : rc);
+    return -1;
+}
+
 static void append_column_list(struct db_buf *b, const char *prefix, const char *const *names, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -348,6 +362,10 @@ static int copy_rows(struct task_ctx *ctx, const char *fn, PGconn *c, const char
             }
             progress_rows(prog, i + 1);
         }
+    }
+    if (rows->is_raw && rows_end(ctx, fn, rows, what) < 0) {
+        copy_abort(c, "celeriac: invalid rows");
+        goto out;
     }
     db_copy_end(&enc);
     if (copy_send(ctx, c, &enc.out) < 0)

@@ -1,5 +1,6 @@
 /* pool: the prefork pool. N child processes, each running tasks one after another; the main process hands
- * them batches of raw messages over a socketpair and reads back one result frame per task.
+ * them batches of raw messages over a socketpair (a message of 1 MiB or more in a memfd passed along, which
+ * the child maps) and reads back one result frame per task.
  *
  * DESIGN. Processes, not threads: a task that crashes, aborts or has to be killed for a time limit costs its
  * child, never the worker. Frames are length-prefixed on a stream socket; the main side never blocks (it

@@ -96,6 +96,16 @@ def test_echo_keeps_every_json_value(run, args):
             assert math.copysign(1, v) == math.copysign(1, w), f"sign of {w!r} lost"
 
 
+def test_messages_over_a_mebibyte_reach_their_tasks_intact(app, shared_worker):
+    """Messages of 1 MiB and more go to the pool child in a memfd rather than through the socket: several at
+    once, mixed with small ones, each must reach its own task whole and in its order."""
+    payloads = [chr(ord("a") + i) * (1_100_000 + 4099 * i) if i % 3 != 1 else f"small-{i}" for i in range(9)]
+    results = [app.send_task("native.echo", args=[p, i]) for i, p in enumerate(payloads)]
+    for i, (p, res) in enumerate(zip(payloads, results)):
+        assert res.get(timeout=TIMEOUT) == {"args": [p, i], "kwargs": {}}
+    assert app.send_task("native.add", args=[20, 22]).get(timeout=TIMEOUT) == 42
+
+
 def test_echo_kwargs_and_args_together(run):
     kwargs = {"name": "\u00e9t\u00e9", "n": INT64_MIN, "f": 2.5, "flag": False, "none": None, "list": [],
               "obj": {"k": [1, "2", 3.0]}}

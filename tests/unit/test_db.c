@@ -194,6 +194,73 @@ static void test_raw_rows(void **state)
                             err, sizeof err),
                      0);
     db_buf_free(&c.out);
+    /* Lists whose row count a structural pass could get wrong: brackets, commas, quotes and backslashes inside
+     * strings, nested lists and objects, bare values, whitespace everywhere. The count must be jansson's. */
+    static const char *const tricky[] = {
+        "[]", " [ ] ", "[[]]", "[ [ ] , [ ] ]", "[[\"],[\", \"\\\\\"], [\"\\\"]\", 1]]",
+        "[[{\"a,b\": [1, 2, {\"]\": \"[\"}]}, \"}\"], 3, \"x\", null, {\"k\": [[]]}]",
+        "\n[\t[1 ,2 ] ,\r\n[3] ]\n", "[[\"\\\\\"], [\"\\\\\\\"\\\\\"]]",
+    };
+    for (size_t i = 0; i < sizeof tricky / sizeof tricky[0]; i++) {
+        json_error_t jerr;
+        json_t *j = json_loads(tricky[i], JSON_ALLOW_NUL, &jerr);
+        assert_non_null(j);
+        struct db_raw_rows r;
+        assert_int_equal(db_raw_rows_open(&r, tricky[i], strlen(tricky[i])), 0);
+        assert_int_equal(r.count, json_array_size(j));
+        struct db_value vals[4];
+        size_t n, rows = 0;
+        bool is_list;
+        int rc;
+        while ((rc = db_raw_rows_next(&r, vals, 4, &n, &is_list)) == 1)
+            rows++;
+        assert_int_equal(rc, 0);
+        assert_int_equal(rows, json_array_size(j));
+        db_raw_rows_close(&r);
+        json_decref(j);
+    }
+    /* Long lists, so that the 64-byte blocks of the count start everywhere: inside strings (with and without
+     * escapes), on brackets, commas and quotes. */
+    static const char *const pieces[] = {"[1, \"a,]\"]", "{\"k[\": [[], {}], \"v\": \"}\"}", "\"\\\"],[\"",
+                                         "[[[\",\"]]]", "[\"x\\\\\", \"\\\\\"]", "17", "null",
+                                         "[\"0123456789abcdefghijklmnopqrstuvwxyz,[]{}0123456789\"]"};
+    for (size_t shift = 0; shift < 70; shift += 3) {
+        struct db_buf text = {0};
+        db_buf_puts(&text, "[");
+        for (size_t pad = 0; pad < shift; pad++)
+            db_buf_puts(&text, " ");
+        for (size_t i = 0; i < 300; i++) {
+            if (i)
+                db_buf_puts(&text, i % 7 ? "," : " ,\n ");
+            db_buf_puts(&text, pieces[(i * 5 + shift) % (sizeof pieces / sizeof pieces[0])]);
+        }
+        db_buf_puts(&text, " ]");
+        json_error_t jerr;
+        json_t *j = json_loads(text.data, JSON_ALLOW_NUL, &jerr);
+        assert_non_null(j);
+        struct db_raw_rows r;
+        assert_int_equal(db_raw_rows_open(&r, text.data, text.len), 0);
+        assert_int_equal(r.count, json_array_size(j));
+        struct db_value vals[4];
+        size_t n, rows = 0;
+        bool is_list;
+        int rc;
+        while ((rc = db_raw_rows_next(&r, vals, 4, &n, &is_list)) == 1)
+            rows++;
+        assert_int_equal(rc, 0);
+        assert_int_equal(rows, r.count);
+        db_raw_rows_close(&r);
+        /* Cut short anywhere inside, the list does not end: open or the reading must say so. */
+        for (size_t cut = 1; cut < text.len; cut += 97) {
+            rc = db_raw_rows_open(&r, text.data, text.len - cut);
+            while (rc == 0 || rc == 1)
+                rc = db_raw_rows_next(&r, vals, 4, &n, &is_list);
+            assert_int_equal(rc, DB_RAW_MALFORMED);
+            db_raw_rows_close(&r);
+        }
+        json_decref(j);
+        db_buf_free(&text);
+    }
     /* What must fail as the whole body would have failed to parse. */
     static const struct {
         const char *text;
@@ -203,11 +270,18 @@ static void test_raw_rows(void **state)
         {"[[01]]", DB_RAW_MALFORMED},      {"[[\"\\ud800\"]]", DB_RAW_MALFORMED}, {"[[\"a\tb\"]]", DB_RAW_MALFORMED},
         {"[[\"\xc3\"]]", DB_RAW_MALFORMED}, {"[[1,]]", DB_RAW_MALFORMED},          {"[[tru]]", DB_RAW_MALFORMED},
         {"[[9223372036854775808]]", DB_RAW_OVERFLOW}, {"[[1e400]]", DB_RAW_OVERFLOW},
+        /* The count looks at the structure only: what it would count wrong must fail when read. */
+        {"[[1] [2]]", DB_RAW_MALFORMED}, {"[[1],]", DB_RAW_MALFORMED}, {"[,[1]]", DB_RAW_MALFORMED},
+        {"[[1],,[2]]", DB_RAW_MALFORMED}, {"[[1]] [2]", DB_RAW_MALFORMED}, {"[[1]]]", DB_RAW_MALFORMED},
+        {"[[1], [2}]", DB_RAW_MALFORMED}, {"[[\"a\\\"]]", DB_RAW_MALFORMED}, {"[[1], [2], 3 4]", DB_RAW_MALFORMED},
+        {"[[1], [\"x\"] ", DB_RAW_MALFORMED}, {"[", DB_RAW_MALFORMED}, {"[[1], [2]], ", DB_RAW_MALFORMED},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         struct db_raw_rows r;
         int rc = db_raw_rows_open(&r, bad[i].text, strlen(bad[i].text));
-        if (rc == 0) { /* out-of-range numbers are found when their row is read */
+        /* Out-of-range numbers and malformed values are found when their row is read, at the latest by the
+         * read after the last row, as copy_rows reads them. */
+        while (rc == 0 || rc == 1) {
             struct db_value vals[4];
             size_t n;
             bool is_list;
@@ -221,6 +295,78 @@ static void test_raw_rows(void **state)
             assert_null(j); /* jansson refuses them too */
         json_decref(j);
     }
+}
+
+/* Reals read from the text must be the doubles strtod (jansson) reads, bit for bit, also where a fast path
+ * could round differently: 16 to 19 significant digits, halfway cases, powers of ten at the edges of the
+ * exact ranges, leading and trailing zeros, signs, exponents. */
+static void test_raw_reals_agree_with_strtod(void **state)
+{
+    (void)state;
+    static const char *const fixed[] = {
+        "0.1", "-0.0", "0.0", "0e5", "1e22", "1e23", "1e-22", "1e-23", "9007199254740993.0", "9007199254740992.0",
+        "9007199254740995.0", "18014398509481985.0", "1.7976931348623157e308", "2.2250738585072014e-308",
+        "4.9e-324", "123456789012345678.9", "1234567890123456789.0", "12345678901234567890.0", "0.30000000000000004",
+        "-365635.7558875988", "1e27", "1e-27", "1e28", "99999999999999999999e-27", "0.000001234567890123456789",
+        "100000000000000000000000000.0", "1.00000000000000011102230246251565404236316680908203125",
+        "1.00000000000000011102230246251565404236316680908203124", "5e-1", "2.5E+1", "7.038531e-26",
+        "8.98846567431158e307", "3.4028234663852886e38", "1.0000000000000002", "0.9999999999999999",
+        /* where rounding to 64 bits, then to 53, lands on the wrong double (found by search) */
+        "0.08929252560655236842", "4438.053664255860440", "47042.93016311896281"};
+    struct db_buf text = {0};
+    db_buf_puts(&text, "[");
+    size_t n = 0;
+    uint32_t x = 4242;
+    char num[64];
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0] + 20000; i++) {
+        const char *v = i < sizeof fixed / sizeof fixed[0] ? fixed[i] : num;
+        if (v == num) {
+            /* random significands of 1 to 20 digits, a point anywhere, exponents around the fast ranges */
+            x = x * 1103515245u + 12345u;
+            int digits = 1 + (int)(x >> 8) % 20, point = (int)(x >> 16) % (digits + 1);
+            size_t k = 0;
+            if (x & 1)
+                num[k++] = '-';
+            for (int d = 0; d < digits; d++) {
+                x = x * 1103515245u + 12345u;
+                if (d == point && d)
+                    num[k++] = '.';
+                num[k++] = (char)('0' + (d == 0 ? 1 + (x >> 16) % 9 : (x >> 16) % 10));
+            }
+            if (point == 0 || point == digits)
+                k += (size_t)snprintf(num + k, sizeof num - k, ".5");
+            x = x * 1103515245u + 12345u;
+            if (x & 2)
+                k += (size_t)snprintf(num + k, sizeof num - k, "e%d", (int)((x >> 16) % 70) - 35);
+            num[k] = '\0';
+        }
+        if (n++)
+            db_buf_puts(&text, ", ");
+        db_buf_puts(&text, "[");
+        db_buf_puts(&text, v);
+        db_buf_puts(&text, "]");
+    }
+    db_buf_puts(&text, "]");
+    json_error_t jerr;
+    json_t *j = json_loads(text.data, 0, &jerr);
+    assert_non_null(j);
+    struct db_raw_rows r;
+    assert_int_equal(db_raw_rows_open(&r, text.data, text.len), 0);
+    struct db_value vals[1];
+    size_t got, i = 0;
+    bool is_list;
+    while (db_raw_rows_next(&r, vals, 1, &got, &is_list) == 1) {
+        const json_t *want = json_array_get(json_array_get(j, i), 0);
+        assert_int_equal(vals[0].type, DBV_REAL);
+        double w = json_real_value(want);
+        if (memcmp(&vals[0].d, &w, sizeof w) != 0)
+            fail_msg("row %zu: read %.17g, strtod %.17g", i, vals[0].d, w);
+        i++;
+    }
+    assert_int_equal(i, n);
+    db_raw_rows_close(&r);
+    json_decref(j);
+    db_buf_free(&text);
 }
 
 static void test_copy_text(void **state)
@@ -459,7 +605,7 @@ int main(void)
         cmocka_unit_test(test_copy_errors),   cmocka_unit_test(test_copy_bare_scalars),
         cmocka_unit_test(test_kinds),         cmocka_unit_test(test_values_from_text),
         cmocka_unit_test(test_format_double), cmocka_unit_test(test_sqlstate_classes),
-        cmocka_unit_test(test_configure),     cmocka_unit_test(test_raw_rows),
+        cmocka_unit_test(test_configure),     cmocka_unit_test(test_raw_rows), cmocka_unit_test(test_raw_reals_agree_with_strtod),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -674,6 +674,28 @@ static void test_raw_arg_locate(void **state)
     static const struct task_def plain = {.name = "x.plain", .fn = recorder, .params = "rows"};
     size_t start, end;
     assert_false(task_raw_arg_locate(&plain, "[[[1]], {}, {}]", 15, &start, &end));
+
+    /* Long lists, skipped 64 bytes at a time: blocks that start inside strings, on brackets and quotes, and
+     * blocks with escapes (byte by byte from there on), every piece at every offset. */
+    static const char *const pieces[] = {"[1, \"a,]\"]", "{\"k[\": [[], {}], \"v\": \"}\"}", "\"]]]]}}}\"",
+                                         "[[[\",\"]]]", "17", "\"0123456789abcdefghijklmnopqrstuvwxyz,[]{}0123456\""};
+    static char body[32768], rows[32768];
+    for (size_t shift = 0; shift < 70; shift += 1) {
+        for (int escapes = 0; escapes < 2; escapes++) {
+            size_t n = (size_t)snprintf(rows, sizeof rows, "[%*s", (int)shift, "");
+            for (size_t i = 0; i < 200; i++) {
+                const char *piece = escapes && i == 150 ? "\"\\\"]\\\\\"" : pieces[(i * 5 + shift) % 6];
+                n += (size_t)snprintf(rows + n, sizeof rows - n, "%s%s", i ? "," : "", piece);
+            }
+            n += (size_t)snprintf(rows + n, sizeof rows - n, "]");
+            size_t len = (size_t)snprintf(body, sizeof body, "[[\"t\", %s, 5], {}, {}]", rows);
+            assert_true(task_raw_arg_locate(&def, body, len, &start, &end));
+            assert_int_equal(end - start, n);
+            assert_memory_equal(body + start, rows, n);
+            /* Cut inside the list: not found (the body is then parsed whole, and refused). */
+            assert_false(task_raw_arg_locate(&def, body, 7 + n - 1 - shift % 50, &start, &end));
+        }
+    }
 }
 
 int main(void)
