@@ -30,9 +30,6 @@
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <tmmintrin.h>
-#endif
 
 #define MSG_MAX_DEPTH 64
 #define MSG_ERRMSG 240
@@ -1407,42 +1404,6 @@ size_t base64_decoded_max(size_t len)
     return (len + 3) / 4 * 3;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-/* 16 characters -> 12 bytes per step with SSSE3 (the nibble-table technique described by W. Mula and
- * D. Lemire, "Faster Base64 Encoding and Decoding Using AVX2 Instructions", 2018): a message body of 57 MB
- * decodes in ~10 ms instead of ~35. Decodes blocks while at least `keep` characters follow the block, so
- * that the 4 bytes each step writes past its 12 land on output still to come; returns the characters
- * decoded, which stop early at a block holding anything but the 64 letters (the caller's loop then finds
- * it). In place works as in base64_decode: a block is loaded before its output is stored, and d never passes s. */
-__attribute__((target("ssse3"))) static size_t base64_decode_ssse3(const unsigned char *s, size_t len, size_t keep,
-                                                                  unsigned char *d)
-{
-    const __m128i lut_lo = _mm_setr_epi8(0x15, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x13, 0x1A,
-                                         0x1B, 0x1B, 0x1B, 0x1A);
-    const __m128i lut_hi = _mm_setr_epi8(0x10, 0x10, 0x01, 0x02, 0x04, 0x08, 0x04, 0x08, 0x10, 0x10, 0x10, 0x10,
-                                         0x10, 0x10, 0x10, 0x10);
-    const __m128i lut_roll = _mm_setr_epi8(0, 16, 19, 4, -65, -65, -71, -71, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m128i nibble = _mm_set1_epi8(0x0f), slash = _mm_set1_epi8('/'), zero = _mm_setzero_si128();
-    const __m128i pack = _mm_setr_epi8(2, 1, 0, 6, 5, 4, 10, 9, 8, 14, 13, 12, -1, -1, -1, -1);
-    size_t done = 0;
-    while (len - done >= 16 + keep) {
-        __m128i in = _mm_loadu_si128((const __m128i *)(const void *)(s + done));
-        __m128i hi = _mm_and_si128(_mm_srli_epi32(in, 4), nibble), lo = _mm_and_si128(in, nibble);
-        /* A character is one of the 64 exactly when the bits its two nibbles select do not meet. */
-        __m128i bad = _mm_and_si128(_mm_shuffle_epi8(lut_lo, lo), _mm_shuffle_epi8(lut_hi, hi));
-        if (_mm_movemask_epi8(_mm_cmpeq_epi8(bad, zero)) != 0xFFFF)
-            break;
-        /* The value: the character plus an offset chosen by its high nibble ('/' shares one with '+'). */
-        __m128i v = _mm_add_epi8(in, _mm_shuffle_epi8(lut_roll, _mm_add_epi8(_mm_cmpeq_epi8(in, slash), hi)));
-        /* 4 x 6 bits -> 24 bits per 32-bit lane, then the 3 bytes of each lane in order. */
-        v = _mm_madd_epi16(_mm_maddubs_epi16(v, _mm_set1_epi32(0x01400140)), _mm_set1_epi32(0x00011000));
-        _mm_storeu_si128((__m128i *)(void *)(d + done / 4 * 3), _mm_shuffle_epi8(v, pack));
-        done += 16;
-    }
-    return done;
-}
-#endif
-
 long base64_decode(const char *src, size_t len, unsigned char *dst)
 {
     const unsigned char *s = (const unsigned char *)src;
@@ -1453,15 +1414,6 @@ long base64_decode(const char *src, size_t len, unsigned char *dst)
         return 0;
     size_t pad = s[len - 1] != '=' ? 0 : s[len - 2] != '=' ? 1 : 2;
     size_t quads = len / 4 - (pad ? 1 : 0);
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (quads >= 64 && __builtin_cpu_supports("ssse3")) {
-        /* 16 characters kept back: their 12 bytes, written by the loop below, cover the last block's spill. */
-        size_t n = base64_decode_ssse3(s, quads * 4, 16, d);
-        s += n;
-        d += n / 4 * 3;
-        quads -= n / 4;
-    }
-#endif
     /* Each quad is read whole before its 3 bytes are written, and d never passes s: in place works. */
     for (size_t i = 0; i < quads; i++, s += 4, d += 3) {
         unsigned a = b64_value[s[0]], b = b64_value[s[1]], c = b64_value[s[2]], e = b64_value[s[3]];
