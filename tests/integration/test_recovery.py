@@ -2,6 +2,7 @@
 timeout, in both directions between celeriac and the stock Python worker (protocol doc sections 3.4, 3.5)."""
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -288,3 +289,30 @@ def test_an_orphaned_inbox_goes_back_to_its_queue_once_its_lease_ran_out(app, wo
     assert app.AsyncResult(first["headers"]["id"]).get(timeout=TIMEOUT) == 1
     assert app.AsyncResult(second["headers"]["id"]).get(timeout=TIMEOUT) == 1
     assert broker.get("orphan-1") == b"1" and broker.get("orphan-2") == b"1" and broker.get("alive") is None
+
+
+@_inbox_only
+def test_a_big_message_taken_by_the_idle_wait_is_recorded_in_kombus_format(app, workers, broker):
+    """From 1 MiB on, the worker writes the unacked record itself (MULTI: HSET, ZADD, LTRIM of the inbox) instead
+    of the record script: the record must be byte for byte what kombu (and the script) would write."""
+    w = workers.start("-c", "1", "--acks-late")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    [child] = [int(p) for p in open(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read().split()]
+    os.kill(child, signal.SIGSTOP)  # the task cannot finish, so its record stays while we look
+    try:
+        ltrims = broker.info("commandstats").get("cmdstat_ltrim", {}).get("calls", 0)
+        big = "x" * (3 << 20)
+        env = task_envelope("native.echo", args=[big])
+        raw = json.dumps(env)
+        broker.lpush("celery", raw)
+        tag = env["properties"]["delivery_tag"]
+        wait_until(lambda: broker.hexists("unacked", tag), what="the big message recorded as unacked")
+        assert broker.hget("unacked", tag) == ('[' + raw + ', "", "celery"]').encode()
+        assert broker.zscore("unacked_index", tag) is not None
+        assert broker.info("commandstats")["cmdstat_ltrim"]["calls"] == ltrims + 1, "not the client's record"
+        assert inbox_keys(broker) == [] or all(broker.llen(k) == 0 for k in inbox_keys(broker))
+    finally:
+        os.kill(child, signal.SIGCONT)
+    doc = app.AsyncResult(env["headers"]["id"]).get(timeout=TIMEOUT)
+    assert doc == {"args": [big], "kwargs": {}}
+    wait_drained(broker)
