@@ -272,6 +272,10 @@ struct redis_broker {
     bool block_armed;        /* the last fetch found the queues empty: the next one waits in BLMOVE */
     bool block_out;          /* a BLMOVE is waiting (counted as one message in fetch_requested) */
     int block_queue;         /* the queue it waits on */
+    /* The message the last BLMOVE took, until it is settled or the pass ends (see on_block_reply). */
+    char *pending_tag;       /* owned; NULL: none */
+    const char *pending_raw; /* borrowed from its delivery, which the consumer keeps while it is unsettled */
+    size_t pending_len;
     unsigned long long block_count;
 
     struct tagset held;      /* tags delivered and not yet acked or requeued */
@@ -471,8 +475,11 @@ static int inbox_register(struct redis_broker *b, int q, bool wait)
 
 /* Our inbox back on its queue and out of the registry (a BLMOVE whose reply we will never read may have
  * moved a message into it). Redis runs it after every record script sent before it on this connection. */
+static void pending_resolve(struct redis_broker *b, bool acked);
+
 static void inbox_return(struct redis_broker *b, bool wait)
 {
+    pending_resolve(b, false); /* a message we hold is recorded, not put back */
     b->inbox_queue = -1;
     if (!rconn_connected(&b->main) || !b->sweep_sha[0])
         return;
@@ -563,9 +570,47 @@ static void on_recorded(struct rconn *c, redisReply *r, void *arg, bool *steal)
                                        "stalled past its lease); the message may run twice");
 }
 
-/* The BLMOVE's reply: a message now in our inbox. It is recorded as unacked (the script goes out before
- * anything the consumer does with the delivery, acks included) and delivered at once: that round trip is
- * what the inbox saves. */
+/* Settles the message the last BLMOVE took. It waits in our inbox, as safe there as in `unacked` (the lease),
+ * so nothing is written for it until the consumer decides: acked in the same pass (an early ack when it went
+ * straight to a process, or a reject) -> it only leaves the inbox (LTRIM of the oldest, which it is: the
+ * inbox holds nothing else); still held when the pass ends, or requeued/deferred -> its unacked record is
+ * written (the script, or our own MULTI for a big one), exactly as a fetch records it, before anything else
+ * is done with it on this connection. */
+static void pending_resolve(struct redis_broker *b, bool acked)
+{
+    if (!b->pending_tag)
+        return;
+    if (acked) {
+        rconn_command(&b->main, NULL, NULL, "LTRIM %s 0 -2", b->inbox);
+    } else {
+        char score[32];
+        snprintf(score, sizeof score, "%.6f", rconn_epoch());
+        const char *m = b->pending_raw, *tag = b->pending_tag;
+        size_t len = b->pending_len;
+        if (len >= CLIENT_RECORD_MIN && m[0] == '{' && m[len - 1] == '}') {
+            record_from_client(b, m, len, tag, score);
+        } else {
+            const char *argv[] = {"EVALSHA", b->record_sha, "3", "unacked_index", "unacked", b->inbox,
+                                  score,     tag,           b->queues_json[b->block_queue]};
+            size_t lens[9];
+            for (size_t i = 0; i < 9; i++)
+                lens[i] = strlen(argv[i]);
+            rconn_command_argv(&b->main, on_recorded, NULL, 9, argv, lens);
+        }
+    }
+    free(b->pending_tag);
+    b->pending_tag = NULL;
+    b->pending_raw = NULL;
+}
+
+/* Whether tag is the pending one. */
+static bool is_pending(const struct redis_broker *b, const char *tag)
+{
+    return b->pending_tag && strcmp(b->pending_tag, tag) == 0;
+}
+
+/* The BLMOVE's reply: a message now in our inbox, delivered at once (the round trip of a fetch is what the
+ * inbox saves) and settled by pending_resolve. */
 static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)
 {
     (void)c;
@@ -585,19 +630,6 @@ static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
     char tag[128];
     if (!message_tag(r->str, r->len, tag, sizeof tag) || tagset_has(&b->held, tag))
         snprintf(tag, sizeof tag, "%sb%llu", b->tag_prefix, ++b->block_count);
-    char score[32];
-    snprintf(score, sizeof score, "%.6f", rconn_epoch());
-    if (r->len >= CLIENT_RECORD_MIN && r->str[0] == '{' && r->str[r->len - 1] == '}') {
-        record_from_client(b, r->str, r->len, tag, score);
-    } else {
-        const char *argv[] = {"EVALSHA", b->record_sha, "3",  "unacked_index", "unacked", b->inbox,
-                              score,     tag,           b->queues_json[b->block_queue]};
-        size_t lens[9];
-        for (size_t i = 0; i < 9; i++)
-            lens[i] = strlen(argv[i]);
-        rconn_command_argv(&b->main, on_recorded, NULL, 9, argv, lens);
-    }
-
     struct broker_delivery *d = calloc(1, sizeof *d);
     if (!d)
         abort();
@@ -608,6 +640,10 @@ static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
     d->queue = b->block_queue;
     d->priority = 0;
     tagset_add(&b->held, d->tag);
+    pending_resolve(b, false); /* never two: one BLMOVE at a time, and each pass ends with a flush */
+    b->pending_tag = strdup(tag);
+    b->pending_raw = d->raw;
+    b->pending_len = d->len;
     b->maybe_ready = true; /* more may be waiting behind it: the next fetch looks, and re-arms if none */
     b->h.on_deliver(b->arg, d);
 }
@@ -689,6 +725,8 @@ static void lost(struct redis_broker *b, const char *why)
     rconn_close(&b->wake);
     rconn_close(&b->block);
     b->block_armed = false;
+    free(b->pending_tag); /* its record can no longer be written: the inbox goes back to the queue on reconnect */
+    b->pending_tag = NULL;
     b->backoff = BACKOFF_MIN;
     b->next_reconnect = rconn_epoch() + b->backoff;
 }
@@ -764,7 +802,11 @@ static void redis_close(struct broker *base)
     struct redis_broker *b = (struct redis_broker *)base;
     if (!b)
         return;
-    /* First the BLMOVE, then whatever it moved back to the queue (after every record script already sent). */
+    /* A message still pending was neither acked nor held past a pass (its delivery may be freed by now): it
+     * goes back to the queue with the inbox. First the BLMOVE, then whatever it moved back to the queue (after
+     * every command already queued on this connection). */
+    free(b->pending_tag);
+    b->pending_tag = NULL;
     rconn_close(&b->block);
     inbox_return(b, true);
     b->ep = NULL; /* closing for good: batches still in flight are freed, not queued again */
@@ -928,6 +970,7 @@ static void send_acks(struct redis_broker *b)
 static int redis_flush(struct broker *base)
 {
     struct redis_broker *b = (struct redis_broker *)base;
+    pending_resolve(b, false); /* still held at the end of the pass: recorded as unacked */
     send_acks(b);
     if (rconn_connected(&b->main) && rconn_flush(&b->main) < 0)
         lost(b, b->main.errstr);
@@ -1179,6 +1222,10 @@ static void redis_ack(struct broker *base, const char *tag)
     struct redis_broker *b = (struct redis_broker *)base;
     if (!tagset_remove(&b->held, tag))
         return; /* requeued or acked already: acking twice would be harmless, but it is a bug upstream */
+    if (is_pending(b, tag)) {
+        pending_resolve(b, true); /* never recorded: it only leaves the inbox */
+        return;
+    }
     push_ack(b, strdup(tag));
 }
 
@@ -1248,6 +1295,8 @@ static void restore_to(struct redis_broker *b, const char *tag, const char *payl
 static void redis_requeue(struct broker *base, const struct broker_delivery *d)
 {
     struct redis_broker *b = (struct redis_broker *)base;
+    if (is_pending(b, d->tag))
+        pending_resolve(b, false); /* recorded first: the restore below needs the record */
     if (!tagset_remove(&b->held, d->tag))
         return;
     char *payload = mark_redelivered(d->raw, d->len);
@@ -1259,6 +1308,8 @@ static void redis_requeue(struct broker *base, const struct broker_delivery *d)
 static void redis_defer(struct broker *base, const struct broker_delivery *d)
 {
     struct redis_broker *b = (struct redis_broker *)base;
+    if (is_pending(b, d->tag))
+        pending_resolve(b, false);
     if (!tagset_remove(&b->held, d->tag))
         return;
     /* Back where a publisher would have put it: its own priority list, at the far end, unchanged (not

@@ -316,3 +316,24 @@ def test_a_big_message_taken_by_the_idle_wait_is_recorded_in_kombus_format(app, 
     doc = app.AsyncResult(env["headers"]["id"]).get(timeout=TIMEOUT)
     assert doc == {"args": [big], "kwargs": {}}
     wait_drained(broker)
+
+
+@_inbox_only
+def test_an_early_acked_message_from_the_idle_wait_only_leaves_the_inbox(app, workers, broker):
+    """Taken by the BLMOVE and acked in the same pass (it went straight to a process): no unacked record is
+    written for it, the inbox just lets it go (LTRIM)."""
+    workers.start("-c", "1")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+
+    def calls(cmd):
+        return broker.info("commandstats").get(f"cmdstat_{cmd}", {}).get("calls", 0)
+
+    time.sleep(0.2)
+    hsets, ltrims = calls("hset"), calls("ltrim")
+    for i in range(3):
+        assert app.send_task("native.add", args=[i, i]).get(timeout=TIMEOUT) == 2 * i
+        time.sleep(0.2)
+    assert calls("ltrim") == ltrims + 3
+    assert calls("hset") <= hsets + 1  # at most the inbox lease's renewal; no unacked record
+    wait_drained(broker)
+    assert [broker.llen(k) for k in inbox_keys(broker)] in ([], [0])
