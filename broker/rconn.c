@@ -138,6 +138,8 @@ void rconn_close(struct rconn *c)
         redisFree(c->ctx);
         c->ctx = NULL;
     }
+    free(c->direct);
+    c->direct = NULL;
     while (c->q_len) {
         struct rconn_pending p = queue_pop(c);
         bool steal = false;
@@ -233,6 +235,34 @@ int rconn_flush(struct rconn *c)
     return 0;
 }
 
+/* Hands one reply to the callback of the oldest command (or the push callback). Returns -1 when a callback
+ * closed the connection. */
+static int deliver(struct rconn *c, redisReply *r)
+{
+    if (!c->q_len && c->push_cb) {
+        bool steal = false;
+        c->push_cb(c, r, c->push_arg, &steal);
+        if (!steal)
+            freeReplyObject(r);
+        return c->ctx ? 0 : -1;
+    }
+    if (!c->q_len) {
+        /* A reply nobody asked for: a bug, not something to guess about. Drop it loudly. */
+        rconn_log(c, BROKER_LOG_ERROR, "unexpected reply on the %s connection (type %d)", c->name, r->type);
+        freeReplyObject(r);
+        return 0;
+    }
+    struct rconn_pending p = queue_pop(c);
+    bool steal = false;
+    if (p.cb)
+        p.cb(c, r, p.arg, &steal);
+    else if (r->type == REDIS_REPLY_ERROR)
+        rconn_log(c, BROKER_LOG_ERROR, "%s command failed: %s", c->name, r->str);
+    if (!steal)
+        freeReplyObject(r);
+    return c->ctx ? 0 : -1; /* -1: a callback closed the connection */
+}
+
 static int dispatch_replies(struct rconn *c)
 {
     for (;;) {
@@ -243,33 +273,58 @@ static int dispatch_replies(struct rconn *c)
         }
         if (!reply)
             return 0;
-        redisReply *r = reply;
-        if (!c->q_len && c->push_cb) {
-            bool steal = false;
-            c->push_cb(c, r, c->push_arg, &steal);
-            if (!steal)
-                freeReplyObject(r);
-            if (!c->ctx)
-                return -1;
-            continue;
-        }
-        if (!c->q_len) {
-            /* A reply nobody asked for: a bug, not something to guess about. Drop it loudly. */
-            rconn_log(c, BROKER_LOG_ERROR, "unexpected reply on the %s connection (type %d)", c->name, r->type);
-            freeReplyObject(r);
-            continue;
-        }
-        struct rconn_pending p = queue_pop(c);
-        bool steal = false;
-        if (p.cb)
-            p.cb(c, r, p.arg, &steal);
-        else if (r->type == REDIS_REPLY_ERROR)
-            rconn_log(c, BROKER_LOG_ERROR, "%s command failed: %s", c->name, r->str);
-        if (!steal)
-            freeReplyObject(r);
-        if (!c->ctx)
-            return -1; /* a callback closed the connection */
+        if (deliver(c, reply) < 0)
+            return -1;
     }
+}
+
+#define DIRECT_MIN (1 << 20)
+
+/* data (n bytes just read) at a reply boundary: when it starts a bulk string of DIRECT_MIN bytes or more,
+ * that reply is read directly from here on. Returns the bytes of data it took (header and payload), 0 when
+ * it does not apply (the data then goes to hiredis as usual). */
+static size_t direct_start(struct rconn *c, const char *data, size_t n)
+{
+    const redisReader *rd = c->ctx->reader;
+    if (n < 4 || data[0] != '$' || rd->ridx != -1 || rd->pos != rd->len)
+        return 0;
+    size_t i = 1;
+    unsigned long long len = 0;
+    for (; i < n && i < 19 && data[i] >= '0' && data[i] <= '9'; i++)
+        len = len * 10 + (unsigned long long)(data[i] - '0');
+    if (i + 1 >= n || data[i] != '\r' || data[i + 1] != '\n' || len < DIRECT_MIN)
+        return 0;
+    i += 2;
+    c->direct_len = (size_t)len;
+    c->direct = malloc(c->direct_len + 2);
+    if (!c->direct)
+        abort();
+    size_t take = n - i < c->direct_len + 2 ? n - i : c->direct_len + 2;
+    memcpy(c->direct, data + i, take);
+    c->direct_have = take;
+    return i + take;
+}
+
+/* Delivers the direct reply once all of it is in. Returns -1 on a protocol error or a closed connection. */
+static int direct_finish(struct rconn *c)
+{
+    if (c->direct_have < c->direct_len + 2)
+        return 0;
+    char *buf = c->direct;
+    c->direct = NULL;
+    if (buf[c->direct_len] != '\r' || buf[c->direct_len + 1] != '\n') {
+        free(buf);
+        snprintf(c->errstr, sizeof c->errstr, "%s protocol error: a bulk reply without its CRLF", c->name);
+        return -1;
+    }
+    buf[c->direct_len] = '\0';
+    redisReply *r = calloc(1, sizeof *r); /* freeReplyObject frees both (hiredis's default allocator) */
+    if (!r)
+        abort();
+    r->type = REDIS_REPLY_STRING;
+    r->len = c->direct_len;
+    r->str = buf;
+    return deliver(c, r);
 }
 
 int rconn_read(struct rconn *c)
@@ -281,9 +336,27 @@ int rconn_read(struct rconn *c)
      * their turn. */
     static char chunk[256 * 1024]; /* scratch for one read; the main loop is single-threaded */
     for (int rounds = 0; rounds < 256; rounds++) {
-        ssize_t n = read(c->ctx->fd, chunk, sizeof chunk);
+        bool direct = c->direct != NULL;
+        char *dst = direct ? c->direct + c->direct_have : chunk;
+        size_t room = direct ? c->direct_len + 2 - c->direct_have : sizeof chunk;
+        ssize_t n = read(c->ctx->fd, dst, room);
         if (n > 0) {
-            if (redisReaderFeed(c->ctx->reader, chunk, (size_t)n) != REDIS_OK) {
+            if (direct) {
+                c->direct_have += (size_t)n;
+                if (direct_finish(c) < 0)
+                    return -1;
+                continue;
+            }
+            size_t used = 0;
+            if (n >= 4 && chunk[0] == '$') {
+                /* The replies before it go first, so that the reader is at a boundary and order is kept. */
+                if (dispatch_replies(c) < 0)
+                    return -1;
+                used = direct_start(c, chunk, (size_t)n);
+                if (used && direct_finish(c) < 0)
+                    return -1;
+            }
+            if (used < (size_t)n && redisReaderFeed(c->ctx->reader, chunk + used, (size_t)n - used) != REDIS_OK) {
                 snprintf(c->errstr, sizeof c->errstr, "%s connection lost: protocol error", c->name);
                 return -1;
             }

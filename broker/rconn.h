@@ -41,6 +41,9 @@ struct rconn {
     void *push_arg;
     size_t q_head, q_len, q_cap;
     broker_log_fn log;       /* where unexpected replies are reported */
+    /* A big bulk reply read straight into its final buffer, past hiredis's reader (see rconn_read). */
+    char *direct;            /* owned: the payload and its CRLF as they come; NULL when none */
+    size_t direct_len, direct_have;
     char errstr[256];
 };
 
@@ -67,7 +70,10 @@ void rconn_send(struct rconn *c, const char *fmt, ...);
 /* Writes as much of the output buffer as the socket accepts. Returns 0, or -1 when the connection broke
  * (then c->errstr says why; the caller closes). */
 int rconn_flush(struct rconn *c);
-/* Reads what is available and dispatches every complete reply. Returns 0, or -1 when the connection broke. */
+/* Reads what is available and dispatches every complete reply. Returns 0, or -1 when the connection broke.
+ * A top-level bulk string of 1 MiB or more that begins between two replies (a BLMOVE's 60 MB message) is read
+ * straight into the buffer its reply hands over, instead of through hiredis's reader, which holds such a
+ * reply twice (its input buffer, then the reply's copy): two fewer copies and page-faulted buffers. */
 int rconn_read(struct rconn *c);
 
 /* A blocking command on an open connection, for start-up and rare maintenance only: flushes, then waits
