@@ -12,9 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __SSE2__
-#include <emmintrin.h>
-#endif
+
+#include "scan64.h"
 
 #define MAX_DEPTH 2048 /* jansson's limit on nesting */
 
@@ -407,32 +406,16 @@ static const char *shape_bytes(struct shape *s, const char *p, const char *stop)
     return p;
 }
 
-#ifdef __SSE2__
-/* One bit per byte of the 64 at p: which equal c (or, with fold, equal c with bit 5 set or clear). */
-static inline uint64_t bytes_equal(const __m128i v[4], char c, bool fold)
-{
-    uint64_t m = 0;
-    for (int i = 0; i < 4; i++) {
-        __m128i x = fold ? _mm_or_si128(v[i], _mm_set1_epi8(0x20)) : v[i];
-        m |= (uint64_t)(unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(x, _mm_set1_epi8(c))) << (16 * i);
-    }
-    return m;
-}
-
+#ifdef SCAN64
 /* The structural pass over the 64 bytes at p, which hold no backslash: strings by the parity of the quotes
  * before each byte, then depth changes at the brackets and braces outside strings, and the commas between
  * them counted while the depth is 1. Rows go by in a few steps each instead of a branch per byte. */
-static void shape_block(struct shape *s, const char *p, const __m128i v[4])
+static void shape_block(struct shape *s, const char *p, const struct scan64 *v)
 {
-    uint64_t quotes = bytes_equal(v, '"', false), inside = quotes;
-    for (int k = 1; k < 64; k *= 2)
-        inside ^= inside << k; /* bit i: an odd number of quotes at or before byte i */
-    if (s->in_string)
-        inside = ~inside;
-    s->in_string = inside >> 63;
-    uint64_t opens = bytes_equal(v, '{', true) & ~inside; /* '[' and '{' differ in bit 5 only */
-    uint64_t closes = bytes_equal(v, '}', true) & ~inside; /* ']' and '}' likewise */
-    uint64_t commas = bytes_equal(v, ',', false) & ~inside;
+    uint64_t inside = scan64_in_strings(v, &s->in_string);
+    uint64_t opens = scan64_equal(v, '{', true) & ~inside; /* '[' and '{' differ in bit 5 only */
+    uint64_t closes = scan64_equal(v, '}', true) & ~inside; /* ']' and '}' likewise */
+    uint64_t commas = scan64_equal(v, ',', false) & ~inside;
     uint64_t brackets = opens | closes, from = ~0ull;
     while (brackets) {
         int b = __builtin_ctzll(brackets);
@@ -462,13 +445,12 @@ static int count_elements(const char *p, const char *end, size_t *count)
     struct shape s = {0};
     const char *first = skip_ws(p + 1, end);
     while (!s.close && p < end) {
-#ifdef __SSE2__
+#ifdef SCAN64
         if (end - p >= 64) {
-            __m128i v[4];
-            for (int i = 0; i < 4; i++)
-                v[i] = _mm_loadu_si128((const __m128i *)(const void *)(p + 16 * i));
-            if (!bytes_equal(v, '\\', false)) {
-                shape_block(&s, p, v);
+            struct scan64 v;
+            scan64_load(&v, p);
+            if (!scan64_equal(&v, '\\', false)) {
+                shape_block(&s, p, &v);
                 p += 64;
                 continue;
             }
