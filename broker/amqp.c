@@ -231,8 +231,7 @@ static void deliver(struct amqp_broker *b)
     d->len = len;
     d->queue = (int)q;
     d->priority = b->in.priority;
-    const char *cid = json_string_value(json_object_get(json_object_get(b->in.props, "properties"), "correlation_id"));
-    d->msg_id = cid ? strdup(cid) : NULL;
+    d->msg_id = b->in.correlation_id ? strdup(b->in.correlation_id) : NULL;
     if (b->nout == b->capout) {
         b->capout = b->capout ? b->capout * 2 : 256;
         b->out = realloc(b->out, b->capout * sizeof *b->out);
@@ -286,11 +285,15 @@ static bool heartbeat_missed(const struct amqp_broker *b, double now)
     return wire_heartbeat_missed(b->st, b->last_rx, now);
 }
 
-/* Reads every frame librabbitmq can hand out without blocking (this also keeps the heartbeats going). */
+/* Reads every frame librabbitmq can hand out without blocking (this also keeps the heartbeats going). One read
+ * from the socket per call: once what it brought is used up, asking again would cost a recv that fails and a
+ * poll (librabbitmq's), on every wake-up; the loop's poll says when there is more. */
 static void drain(struct amqp_broker *b)
 {
     struct timeval zero = {0, 0};
     for (int i = 0; i < DRAIN_MAX && b->st; i++) {
+        if (i > 0 && !amqp_data_in_buffer(b->st) && !amqp_frames_enqueued(b->st))
+            break;
         amqp_frame_t f;
         int rc = amqp_simple_wait_frame_noblock(b->st, &f, &zero);
         if (rc == AMQP_STATUS_TIMEOUT)
