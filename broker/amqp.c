@@ -2,8 +2,9 @@
  *
  * DESIGN. One connection; channel 1 consumes every queue (one consumer each, tagged with the queue's index)
  * and carries acks; channel 2 declares (wire_declare_task_queue). librabbitmq is blocking, so the loop polls
- * its socket and, when it is readable, drains it with zero timeouts (amqp_simple_wait_frame_noblock) until
- * nothing is buffered; that same call sends our heartbeats, so broker_tick also drains once a second (twice
+ * its socket and, when it is readable, drains it: one read, then zero-timeout calls of
+ * amqp_simple_wait_frame_noblock until nothing is buffered (the next poll says when there is more); that same
+ * call sends our heartbeats, so broker_tick also drains once a second (twice
  * with a 1 s heartbeat) whatever the socket says. The broker's missed heartbeats are noticed by the loop
  * itself (heartbeat_missed): librabbitmq only checks them in a read that may wait.
  *
