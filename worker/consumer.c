@@ -1050,6 +1050,21 @@ static void dispatch(struct consumer *c)
     }
 }
 
+/* Hands what is ready to the pool, then asks the broker for the budget that leaves. Before acks are flushed: a
+ * window closing for a fetch pause must reach the broker ahead of the acks that would otherwise reopen it (and
+ * bring the ETA tasks just returned straight back). */
+static void dispatch_and_fetch(struct consumer *c, double now)
+{
+    dispatch(c);
+    /* The whole budget in one fetch (splitting it measured slower); a second fetch can go out while one
+     * is in flight when early acks have freed budget meanwhile. */
+    int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
+    if (now < c->fetch_paused_until) /* AMQP: the window closes for the pause (Redis: no fetch, as < 0) */
+        budget = -broker_fetch_in_flight(c->broker);
+    if (!c->stopping && budget != 0 && broker_should_fetch(c->broker))
+        broker_fetch(c->broker, budget);
+}
+
 /* The job child is running now, or NULL; *started gets its start time (pool_clock). */
 struct job *running_job(const struct consumer *c, int child, double *started)
 {
@@ -1390,14 +1405,7 @@ int consumer_run(const struct config *cfg)
         double now = epoch_now();
         if (!c->stopping)
             eta_release(c, now);
-        dispatch(c);
-        /* The whole budget in one fetch (splitting it measured slower); a second fetch can go out while one
-         * is in flight when early acks have freed budget meanwhile. */
-        int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
-        if (now < c->fetch_paused_until) /* AMQP: the window closes for the pause (Redis: no fetch, as < 0) */
-            budget = -broker_fetch_in_flight(c->broker);
-        if (!c->stopping && budget != 0 && broker_should_fetch(c->broker))
-            broker_fetch(c->broker, budget);
+        dispatch_and_fetch(c, now);
         notice_started(c);
         if (now >= c->next_heartbeat) {
             worker_event(c, "worker-heartbeat");
@@ -1483,7 +1491,7 @@ int consumer_run(const struct config *cfg)
              * drop_lost_jobs, below, lets go of what was held. */
             broker_process(c->broker, fds + bfirst, bcount);
             if (broker_connected(c->broker)) {
-                dispatch(c);
+                dispatch_and_fetch(c, epoch_now());
                 broker_flush(c->broker);
             }
             pool_process(c->pool, fds + pfirst, pcount);
