@@ -1011,6 +1011,10 @@ static void dispatch(struct consumer *c)
             struct child_state *cs = &c->children[i];
             if (!pool_accepts(c->pool, i))
                 continue; /* empty, or leaving (shrink, restart) */
+            if (cs->jobs.len && cs->backlog + cost <= PACK_BACKLOG) {
+                best = i;
+                break;
+            }
             if (best < 0 || cs->backlog < c->children[best].backlog ||
                 (cs->backlog == c->children[best].backlog && cs->jobs.len < c->children[best].jobs.len))
                 best = i;
