@@ -435,13 +435,14 @@ static int amqp_next_tick_ms(const struct broker *base, double now)
 
 static void cancel_consumer(struct amqp_broker *b, size_t q);
 
-/* From the one consumer's window to the channel's, at b->qos (see DESIGN). */
+/* From the one consumer's window to the channel's, at b->qos (see DESIGN). Paused, there is no consumer to make
+ * again: the warm shutdown cancelled them for good. */
 static void go_global(struct amqp_broker *b)
 {
     b->global = true;
     if (send_qos_as(b, 0, false) < 0 || send_qos(b) < 0)
         return;
-    for (size_t q = 0; q < b->nqueues && b->st; q++) {
+    for (size_t q = 0; q < b->nqueues && b->st && !b->paused; q++) {
         if (!b->active[q])
             continue;
         cancel_consumer(b, q);
