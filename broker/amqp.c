@@ -12,15 +12,7 @@
  * The consumer asks for budget = prefetch - held - in flight, where in flight = window - unacked; with
  * unacked = held + the ETA tasks it keeps outside prefetch, a window moved by the budget settles at
  * prefetch + ETA tasks held: what stock Celery's qos.increment_eventually() does for each ETA task (and
- * decrement once it ran). The window is global to the channel (one limit across the queues, as prefetch is),
- * except while it cannot differ from the consumer's own: with one queue consumed and the window where consuming
- * started, the limit is set per consumer (basic.qos global=false), the same bound since the channel has that one
- * consumer, which RabbitMQ keeps inside the queue instead of asking the channel's limiter process for every
- * delivery (a fifth less broker CPU per task, measured on the drain benchmark). The first time the window moves
- * or a second queue is consumed it becomes the channel's for good (go_global): the limit for consumers made from
- * then on is cleared, the global one set, and the consumers made again (basic.cancel + basic.consume), so no
- * per-consumer limit stays behind; unacked messages stay with the channel, and RabbitMQ counts them against the
- * global limit it starts.
+ * decrement once it ran). The window is global to the channel (one limit across the queues, as prefetch is).
  *
  * Acks are coalesced per pass: the longest run of acked tags from the oldest unacked one goes out as one
  * basic.ack(multiple), the others one by one. A lost connection bumps a generation number that is part of
@@ -64,7 +56,6 @@ struct amqp_broker {
     size_t nqueues;
 
     int qos;        /* the window asked for; 0: not consuming yet (AMQP's 0 would mean no limit) */
-    bool global;    /* the window is the channel's, not the one consumer's (see DESIGN) */
     bool consuming; /* basic.consume sent on this connection */
     bool paused;    /* warm shutdown: never consume again */
     int unacked;    /* delivered on this connection and not settled */
@@ -107,9 +98,9 @@ static void lost(struct amqp_broker *b, const char *why)
     b->next_reconnect = wire_now() + b->backoff;
 }
 
-static int send_qos_as(struct amqp_broker *b, int count, bool global)
+static int send_qos(struct amqp_broker *b)
 {
-    amqp_basic_qos_t m = {0, (uint16_t)count, global};
+    amqp_basic_qos_t m = {0, (uint16_t)b->qos, 1};
     int rc = amqp_send_method(b->st, WIRE_CH, AMQP_BASIC_QOS_METHOD, &m);
     if (rc != AMQP_STATUS_OK) {
         lost(b, amqp_error_string2(rc));
@@ -132,17 +123,8 @@ static int consume_one(struct amqp_broker *b, size_t q)
     return 0;
 }
 
-static int send_qos(struct amqp_broker *b)
-{
-    return send_qos_as(b, b->qos, b->global);
-}
-
 static int start_consuming(struct amqp_broker *b)
 {
-    size_t consumed = 0;
-    for (size_t q = 0; q < b->nqueues; q++)
-        consumed += b->active[q];
-    b->global = consumed != 1;
     if (send_qos(b) < 0)
         return -1;
     for (size_t q = 0; q < b->nqueues; q++)
@@ -433,24 +415,6 @@ static int amqp_next_tick_ms(const struct broker *base, double now)
     return ms <= 0 ? 0 : (int)ms + 1;
 }
 
-static void cancel_consumer(struct amqp_broker *b, size_t q);
-
-/* From the one consumer's window to the channel's, at b->qos (see DESIGN). Paused, there is no consumer to make
- * again: the warm shutdown cancelled them for good. */
-static void go_global(struct amqp_broker *b)
-{
-    b->global = true;
-    if (send_qos_as(b, 0, false) < 0 || send_qos(b) < 0)
-        return;
-    for (size_t q = 0; q < b->nqueues && b->st && !b->paused; q++) {
-        if (!b->active[q])
-            continue;
-        cancel_consumer(b, q);
-        if (b->st)
-            consume_one(b, q);
-    }
-}
-
 static bool amqp_should_fetch(const struct broker *base)
 {
     const struct amqp_broker *b = (const struct amqp_broker *)base;
@@ -469,8 +433,6 @@ static void amqp_fetch(struct broker *base, int max)
     b->qos = (int)want;
     if (!b->consuming)
         start_consuming(b);
-    else if (!b->global)
-        go_global(b);
     else
         send_qos(b);
 }
@@ -637,10 +599,8 @@ static int amqp_add_queue(struct broker *base, const char *queue)
             snprintf(b->errstr, sizeof b->errstr, "%s", err);
             return -1;
         }
-        if (b->consuming && !b->global)
-            go_global(b); /* before the second consumer exists */
         b->active[q] = true;
-        if (b->consuming && b->st)
+        if (b->consuming)
             consume_one(b, q);
     } else {
         b->active[q] = true; /* consumed from the next connection on */

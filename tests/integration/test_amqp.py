@@ -5,7 +5,6 @@ One RabbitMQ node serves the whole module (it takes seconds to start); every tes
 what one test leaves in the broker never reaches another. The module is skipped, with the reason, only when
 RabbitMQ cannot start on this machine."""
 
-import json
 import os
 import re
 import signal
@@ -131,37 +130,6 @@ def test_eta_tasks_wait_and_do_not_block_the_queue(amqp_app, workers, rabbit, qu
     assert time.time() - t0 < 2, "ETA tasks held the queue (prefetch window not raised)"
     assert [r.get(timeout=TIMEOUT) for r in later] == list(range(6))
     assert time.time() - t0 >= 2
-
-
-def test_prefetch_window_is_the_consumers_until_it_moves(amqp_app, workers, rabbit, queue):
-    """One queue and the window where it started: the limit is set on the one consumer (the same bound; RabbitMQ
-    keeps it more cheaply). An ETA task moves the window: from then on it is the channel's, as Celery sets it,
-    no per-consumer limit stays behind, and the broker never has more unacked than prefetch + ETA tasks held."""
-    start(workers, rabbit, queue, "--prefetch-multiplier", "2")  # -c 2: a window of 4
-
-    def ctl_json(*args):
-        return json.loads(rabbit.ctl(*args, "--formatter", "json").stdout)
-
-    def consumer_limits():
-        return [c["prefetch_count"] for c in ctl_json("list_consumers", "queue_name", "prefetch_count")
-                if c["queue_name"] == queue]
-
-    def unacked():
-        return [q["messages_unacknowledged"] for q in ctl_json("list_queues", "name", "messages_unacknowledged")
-                if q["name"] == queue][0]
-
-    assert amqp_app.tasks["native.add"].delay(1, 2).get(timeout=TIMEOUT) == 3
-    assert consumer_limits() == [4]
-    later = amqp_app.tasks["native.add"].apply_async((2, 2), countdown=4)
-    wait_until(lambda: consumer_limits() == [0], what="the consumer made again under the channel's window")
-    assert 5 in [c["global_prefetch_count"] for c in ctl_json("list_channels", "global_prefetch_count")]
-    slow = [amqp_app.tasks["native.sleep_ms"].delay(150) for _ in range(16)]
-    seen = []
-    while not all(r.ready() for r in slow):
-        seen.append(unacked())
-        time.sleep(0.1)
-    assert seen and max(seen) <= 5, seen
-    assert later.get(timeout=TIMEOUT) == 4
 
 
 def test_eta_cap_returns_the_latest_without_spinning(amqp_app, workers, rabbit, queue):
