@@ -2,8 +2,9 @@
  *
  * DESIGN. One connection; channel 1 consumes every queue (one consumer each, tagged with the queue's index)
  * and carries acks; channel 2 declares (wire_declare_task_queue). librabbitmq is blocking, so the loop polls
- * its socket and, when it is readable, drains it with zero timeouts (amqp_simple_wait_frame_noblock) until
- * nothing is buffered; that same call sends our heartbeats, so broker_tick also drains once a second (twice
+ * its socket and, when it is readable, drains it: one read, then zero-timeout calls of
+ * amqp_simple_wait_frame_noblock until nothing is buffered (the next poll says when there is more); that same
+ * call sends our heartbeats, so broker_tick also drains once a second (twice
  * with a 1 s heartbeat) whatever the socket says. The broker's missed heartbeats are noticed by the loop
  * itself (heartbeat_missed): librabbitmq only checks them in a read that may wait.
  *
@@ -231,8 +232,7 @@ static void deliver(struct amqp_broker *b)
     d->len = len;
     d->queue = (int)q;
     d->priority = b->in.priority;
-    const char *cid = json_string_value(json_object_get(json_object_get(b->in.props, "properties"), "correlation_id"));
-    d->msg_id = cid ? strdup(cid) : NULL;
+    d->msg_id = b->in.correlation_id ? strdup(b->in.correlation_id) : NULL;
     if (b->nout == b->capout) {
         b->capout = b->capout ? b->capout * 2 : 256;
         b->out = realloc(b->out, b->capout * sizeof *b->out);
@@ -286,11 +286,15 @@ static bool heartbeat_missed(const struct amqp_broker *b, double now)
     return wire_heartbeat_missed(b->st, b->last_rx, now);
 }
 
-/* Reads every frame librabbitmq can hand out without blocking (this also keeps the heartbeats going). */
+/* Reads every frame librabbitmq can hand out without blocking (this also keeps the heartbeats going). One read
+ * from the socket per call: once what it brought is used up, asking again would cost a recv that fails and a
+ * poll (librabbitmq's), on every wake-up; the loop's poll says when there is more. */
 static void drain(struct amqp_broker *b)
 {
     struct timeval zero = {0, 0};
     for (int i = 0; i < DRAIN_MAX && b->st; i++) {
+        if (i > 0 && !amqp_data_in_buffer(b->st) && !amqp_frames_enqueued(b->st))
+            break;
         amqp_frame_t f;
         int rc = amqp_simple_wait_frame_noblock(b->st, &f, &zero);
         if (rc == AMQP_STATUS_TIMEOUT)

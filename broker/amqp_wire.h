@@ -43,7 +43,9 @@ struct wire_incoming {
     uint64_t delivery_tag;
     bool redelivered;
     char *exchange, *routing_key, *consumer_tag; /* owned */
-    json_t *props;                               /* owned: the envelope without the body, built from the header frame */
+    char *correlation_id; /* owned; NULL when the message has none (or one that is not UTF-8) */
+    char *head;           /* owned: the envelope's text from the header frame, up to the delivery fields */
+    size_t head_len;
     int priority;
     size_t body_size;
     char *body; /* owned, body_size bytes */

@@ -1011,6 +1011,10 @@ static void dispatch(struct consumer *c)
             struct child_state *cs = &c->children[i];
             if (!pool_accepts(c->pool, i))
                 continue; /* empty, or leaving (shrink, restart) */
+            if (cs->jobs.len && cs->backlog + cost <= PACK_BACKLOG) {
+                best = i;
+                break;
+            }
             if (best < 0 || cs->backlog < c->children[best].backlog ||
                 (cs->backlog == c->children[best].backlog && cs->jobs.len < c->children[best].jobs.len))
                 best = i;
@@ -1049,6 +1053,21 @@ static void dispatch(struct consumer *c)
             buf_free(&doc);
         }
     }
+}
+
+/* Hands what is ready to the pool, then asks the broker for the budget that leaves. Before acks are flushed: a
+ * window closing for a fetch pause must reach the broker ahead of the acks that would otherwise reopen it (and
+ * bring the ETA tasks just returned straight back). */
+static void dispatch_and_fetch(struct consumer *c, double now)
+{
+    dispatch(c);
+    /* The whole budget in one fetch (splitting it measured slower); a second fetch can go out while one
+     * is in flight when early acks have freed budget meanwhile. */
+    int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
+    if (now < c->fetch_paused_until) /* AMQP: the window closes for the pause (Redis: no fetch, as < 0) */
+        budget = -broker_fetch_in_flight(c->broker);
+    if (!c->stopping && budget != 0 && broker_should_fetch(c->broker))
+        broker_fetch(c->broker, budget);
 }
 
 /* The job child is running now, or NULL; *started gets its start time (pool_clock). */
@@ -1391,14 +1410,7 @@ int consumer_run(const struct config *cfg)
         double now = epoch_now();
         if (!c->stopping)
             eta_release(c, now);
-        dispatch(c);
-        /* The whole budget in one fetch (splitting it measured slower); a second fetch can go out while one
-         * is in flight when early acks have freed budget meanwhile. */
-        int budget = c->prefetch - c->held - broker_fetch_in_flight(c->broker);
-        if (now < c->fetch_paused_until) /* AMQP: the window closes for the pause (Redis: no fetch, as < 0) */
-            budget = -broker_fetch_in_flight(c->broker);
-        if (!c->stopping && budget != 0 && broker_should_fetch(c->broker))
-            broker_fetch(c->broker, budget);
+        dispatch_and_fetch(c, now);
         notice_started(c);
         if (now >= c->next_heartbeat) {
             worker_event(c, "worker-heartbeat");
@@ -1478,14 +1490,17 @@ int consumer_run(const struct config *cfg)
                 ;
         }
         if (n > 0) {
-            pool_process(c->pool, fds + pfirst, pcount);
+            /* Deliveries first, handed to the pool and their early acks sent at once: the broker's window moves
+             * only when acks arrive, so results and the rest of the pass, handled before, kept it standing (on
+             * AMQP, measured: half the time from a delivery to its ack). Not once the connection is lost: then
+             * drop_lost_jobs, below, lets go of what was held. */
             broker_process(c->broker, fds + bfirst, bcount);
-            if (c->ready.len && !c->stopping) {
-                /* A task that just came goes to a process now, not after the rest of the pass: the result
-                 * latency of a task arriving at an idle worker is mostly this hand-over. */
-                dispatch(c);
-                pool_flush(c->pool);
+            if (broker_connected(c->broker)) {
+                dispatch_and_fetch(c, epoch_now());
+                pool_flush(c->pool); /* the task reaches its process now: most of an idle worker's latency */
+                broker_flush(c->broker);
             }
+            pool_process(c->pool, fds + pfirst, pcount);
             bus_process(c->bus, fds + busfirst, buscount);
             if (c->backend)
                 backend_process(c->backend, fds + befirst, becount);

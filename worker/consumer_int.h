@@ -64,6 +64,11 @@ struct child_state {
 #define COST_SLOTS 256
 #define COST_UNKNOWN 0.002 /* a task never seen is assumed long: handed only to an idle child */
 #define DISPATCH_HORIZON 0.002 /* queue to a busy child only while its backlog is shorter than this */
+/* A child with work queued takes more, ahead of an idle one, while its backlog stays under this: for work this
+ * short, waking a second process (and its own round trip to the result backend) costs more than running in
+ * parallel saves. Deliveries that trickle in a few at a time (AMQP's window) then make one batch for one child,
+ * not one task for each (RabbitMQ drain bench: +4% and +11% median tasks/s in two A/B runs). */
+#define PACK_BACKLOG 0.0001
 #define CHILD_QUEUE_MAX 256
 
 /* Per-task-name settings changed by remote control: rate_limit (a token bucket of capacity 1, as Celery's

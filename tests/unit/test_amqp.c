@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -221,6 +222,60 @@ static void test_non_utf8_header_becomes_null(void **state)
     free(env);
 }
 
+/* Header values the envelope text must carry as jansson would: strings escaped, integral floats still floats,
+ * a float that is not finite left out (json_real refuses it), a key that is not UTF-8 left out. */
+static void test_header_values_are_escaped_and_typed(void **state)
+{
+    (void)state;
+    amqp_basic_deliver_t d = {amqp_cstring_bytes("0"), 1, 0, amqp_cstring_bytes("x"), amqp_cstring_bytes("q")};
+    amqp_field_value_t arr[3] = {{AMQP_FIELD_KIND_F64, {.f64 = INFINITY}},
+                                 {AMQP_FIELD_KIND_F64, {.f64 = 3.0}},
+                                 {AMQP_FIELD_KIND_UTF8, {.bytes = amqp_cstring_bytes("\xc3\xa9t\xc3\xa9")}}};
+    amqp_table_entry_t h[] = {
+        {amqp_cstring_bytes("quote"), {AMQP_FIELD_KIND_UTF8, {.bytes = amqp_cstring_bytes("a\"b\\c\n\x01")}}},
+        {amqp_cstring_bytes("whole"), {AMQP_FIELD_KIND_F64, {.f64 = 2.0}}},
+        {amqp_cstring_bytes("nan"), {AMQP_FIELD_KIND_F64, {.f64 = NAN}}},
+        {{2, "\xff\xfe"}, {AMQP_FIELD_KIND_I32, {.i32 = 1}}},
+        {amqp_cstring_bytes("list"), {AMQP_FIELD_KIND_ARRAY, {.array = {3, arr}}}},
+        {amqp_cstring_bytes("big"), {AMQP_FIELD_KIND_U64, {.u64 = 1ULL << 62}}},
+    };
+    amqp_basic_properties_t p;
+    memset(&p, 0, sizeof p);
+    p._flags = AMQP_BASIC_HEADERS_FLAG | AMQP_BASIC_CORRELATION_ID_FLAG;
+    p.headers = (amqp_table_t){sizeof h / sizeof *h, h};
+    p.correlation_id = amqp_cstring_bytes("id-\"1\"");
+    struct wire_incoming in = {0};
+    amqp_frame_t f = method_frame(AMQP_BASIC_DELIVER_METHOD, &d);
+    wire_incoming_feed(&in, &f);
+    memset(&f, 0, sizeof f);
+    f.frame_type = AMQP_FRAME_HEADER;
+    f.channel = WIRE_CH;
+    f.payload.properties.decoded = &p;
+    assert_int_equal(wire_incoming_feed(&in, &f), 1);
+    assert_string_equal(in.correlation_id, "id-\"1\"");
+    size_t len;
+    char *env = wire_envelope(&in, "0.1", &len);
+    wire_incoming_clear(&in);
+    assert_int_equal(len, strlen(env));
+    json_t *j = json_loadb(env, len, JSON_REJECT_DUPLICATES, NULL);
+    assert_non_null(j);
+    json_t *hd = json_object_get(j, "headers");
+    assert_string_equal(json_string_value(json_object_get(hd, "quote")), "a\"b\\c\n\x01");
+    assert_true(json_is_real(json_object_get(hd, "whole")));
+    assert_true(json_real_value(json_object_get(hd, "whole")) == 2.0);
+    assert_null(json_object_get(hd, "nan"));
+    assert_int_equal(json_object_size(hd), 4); /* quote, whole, list, big */
+    json_t *list = json_object_get(hd, "list");
+    assert_int_equal(json_array_size(list), 2);
+    assert_true(json_real_value(json_array_get(list, 0)) == 3.0);
+    assert_string_equal(json_string_value(json_array_get(list, 1)), "\xc3\xa9t\xc3\xa9");
+    assert_int_equal(json_integer_value(json_object_get(hd, "big")), 1LL << 62);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(j, "properties"), "correlation_id")),
+                        "id-\"1\"");
+    json_decref(j);
+    free(env);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -229,6 +284,7 @@ int main(void)
         cmocka_unit_test(test_url_errors_mask_the_password),
         cmocka_unit_test(test_received_message_becomes_a_kombu_envelope),
         cmocka_unit_test(test_non_utf8_header_becomes_null),
+        cmocka_unit_test(test_header_values_are_escaped_and_typed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
