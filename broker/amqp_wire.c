@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -261,6 +262,8 @@ struct text {
 
 static void text_put(struct text *t, const char *s, size_t n)
 {
+    if (n >= SIZE_MAX / 4 - t->len)
+        abort(); /* no message is this big; also tells the compiler the sum below cannot wrap */
     if (t->len + n + 1 > t->cap) {
         size_t cap = t->cap ? t->cap : 1024;
         while (cap < t->len + n + 1)
