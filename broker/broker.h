@@ -13,8 +13,10 @@
  *    in broadcast mode, on the queue names) instead of BRPOP, which would reopen that window; and, when it
  *    consumes a single queue, in a BLMOVE of that queue's list into its own inbox list on a third
  *    connection, which hands over the first message without the round trip of a fetch (the result latency
- *    of an idle worker). The message is delivered at once and recorded as unacked by a script sent before
- *    anything else is done with it; until that runs it is in the inbox, never only in our memory. The inbox
+ *    of an idle worker). The message is delivered at once and settled when the pass of the main loop ends:
+ *    acked by then (early ack: it went straight to a process), it only leaves the inbox (LTRIM); still held,
+ *    it is recorded as unacked (the record script, or our own MULTI for a big one) before anything else is
+ *    done with it; until then it is in the inbox, never only in our memory. The inbox
  *    is registered in `celeriac.inboxes` with its queue and a lease the worker renews: a worker puts its own
  *    inbox back on the queue when it connects, reconnects, cancels the wait or stops, and any worker puts
  *    back an inbox whose lease ran out (its owner was killed between the BLMOVE and the record);
