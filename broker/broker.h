@@ -83,6 +83,9 @@ struct broker_delivery {
     char *tag;    /* owned: the key of its unacked record */
     char *raw;    /* owned: the message exactly as it was in the list */
     size_t len;
+    bool raw_shared; /* raw is the MAP_SHARED mapping (len + 2 bytes) of the memfd raw_fd, also owned: a big
+                      * message read straight into it, which the pool hands to its process as it is */
+    int raw_fd;
     int queue;    /* index into the queue names given to broker_open */
     int priority; /* the priority step (0, 3, 6 or 9) of the list it was taken from; AMQP: the property */
     char *msg_id; /* owned or NULL: what identifies the message when it comes round again after broker_defer,

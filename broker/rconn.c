@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <sys/time.h>
 
@@ -132,13 +133,16 @@ int rconn_open(struct rconn *c, const char *name, const struct broker_endpoint *
     return 0;
 }
 
+static void direct_release(struct rconn *c, char *buf, size_t len);
+
 void rconn_close(struct rconn *c)
 {
     if (c->ctx) {
         redisFree(c->ctx);
         c->ctx = NULL;
     }
-    free(c->direct);
+    if (c->direct)
+        direct_release(c, c->direct, c->direct_len);
     c->direct = NULL;
     while (c->q_len) {
         struct rconn_pending p = queue_pop(c);
@@ -280,6 +284,42 @@ static int dispatch_replies(struct rconn *c)
 
 #define DIRECT_MIN (1 << 20)
 
+/* A buffer of len bytes that is the MAP_SHARED mapping of a new memfd, kept in c->direct_fd; NULL on failure
+ * (the caller then uses malloc). */
+static char *memfd_buffer(struct rconn *c, size_t len)
+{
+    int fd = memfd_create("celeriac-message", MFD_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    void *m = ftruncate(fd, (off_t)len) == 0 ? mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+    if (m == MAP_FAILED) {
+        close(fd);
+        return NULL;
+    }
+    c->direct_fd = fd;
+    return m;
+}
+
+/* deliver() for a reply whose str is a mapping (direct_memfd): the callback takes it by setting str to NULL.
+ * *taken says whether it did; the reply itself is freed here, never its mapping. */
+static int deliver_mapped(struct rconn *c, redisReply *r, bool *taken)
+{
+    char *str = r->str;
+    *taken = false;
+    if (!c->q_len) {
+        rconn_log(c, BROKER_LOG_ERROR, "unexpected reply on the %s connection (type %d)", c->name, r->type);
+    } else {
+        struct rconn_pending p = queue_pop(c);
+        bool steal = false;
+        if (p.cb)
+            p.cb(c, r, p.arg, &steal);
+        *taken = r->str != str;
+    }
+    r->str = NULL;
+    freeReplyObject(r);
+    return c->ctx ? 0 : -1;
+}
+
 /* data (n bytes just read) at a reply boundary: when it starts a bulk string of DIRECT_MIN bytes or more,
  * that reply is read directly from here on. Returns the bytes of data it took (header and payload), 0 when
  * it does not apply (the data then goes to hiredis as usual). */
@@ -290,19 +330,32 @@ static size_t direct_start(struct rconn *c, const char *data, size_t n)
         return 0;
     size_t i = 1;
     unsigned long long len = 0;
+    c->direct_fd = -1;
     for (; i < n && i < 19 && data[i] >= '0' && data[i] <= '9'; i++)
         len = len * 10 + (unsigned long long)(data[i] - '0');
     if (i + 1 >= n || data[i] != '\r' || data[i + 1] != '\n' || len < DIRECT_MIN)
         return 0;
     i += 2;
     c->direct_len = (size_t)len;
-    c->direct = malloc(c->direct_len + 2);
-    if (!c->direct)
+    c->direct = c->direct_memfd ? memfd_buffer(c, c->direct_len + 2) : NULL;
+    if (!c->direct && !(c->direct = malloc(c->direct_len + 2)))
         abort();
     size_t take = n - i < c->direct_len + 2 ? n - i : c->direct_len + 2;
     memcpy(c->direct, data + i, take);
     c->direct_have = take;
     return i + take;
+}
+
+/* Releases a direct buffer: malloc'd, or the mapping of direct_fd. */
+static void direct_release(struct rconn *c, char *buf, size_t len)
+{
+    if (c->direct_fd >= 0) {
+        munmap(buf, len + 2);
+        close(c->direct_fd);
+        c->direct_fd = -1;
+    } else {
+        free(buf);
+    }
 }
 
 /* Delivers the direct reply once all of it is in. Returns -1 on a protocol error or a closed connection. */
@@ -311,20 +364,32 @@ static int direct_finish(struct rconn *c)
     if (c->direct_have < c->direct_len + 2)
         return 0;
     char *buf = c->direct;
+    size_t len = c->direct_len;
     c->direct = NULL;
-    if (buf[c->direct_len] != '\r' || buf[c->direct_len + 1] != '\n') {
-        free(buf);
+    if (buf[len] != '\r' || buf[len + 1] != '\n') {
+        direct_release(c, buf, len);
         snprintf(c->errstr, sizeof c->errstr, "%s protocol error: a bulk reply without its CRLF", c->name);
         return -1;
     }
-    buf[c->direct_len] = '\0';
+    buf[len] = '\0';
     redisReply *r = calloc(1, sizeof *r); /* freeReplyObject frees both (hiredis's default allocator) */
     if (!r)
         abort();
     r->type = REDIS_REPLY_STRING;
-    r->len = c->direct_len;
+    r->len = len;
     r->str = buf;
-    return deliver(c, r);
+    if (c->direct_fd < 0)
+        return deliver(c, r);
+    /* A mapping: freeReplyObject must never free() it. */
+    bool taken = false;
+    int rc = deliver_mapped(c, r, &taken);
+    if (!taken) {
+        direct_release(c, buf, len);
+    } else if (c->direct_fd >= 0) {
+        close(c->direct_fd); /* the mapping was taken, the descriptor not */
+        c->direct_fd = -1;
+    }
+    return rc;
 }
 
 int rconn_read(struct rconn *c)

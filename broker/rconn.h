@@ -44,6 +44,13 @@ struct rconn {
     /* A big bulk reply read straight into its final buffer, past hiredis's reader (see rconn_read). */
     char *direct;            /* owned: the payload and its CRLF as they come; NULL when none */
     size_t direct_len, direct_have;
+    /* Set by the owner: direct replies land in a MAP_SHARED mapping of a memfd (so that they can be handed to
+     * another process as they are) instead of malloc'd memory. During the callback of such a reply,
+     * direct_fd is its memfd: a callback takes the mapping by setting reply->str to NULL (it is len + 2 bytes,
+     * released with munmap; *steal must stay false) and the descriptor by setting direct_fd to -1; what it
+     * does not take, rconn releases. */
+    bool direct_memfd;
+    int direct_fd;           /* the memfd of the direct reply being read or delivered; -1 when none */
     char errstr[256];
 };
 

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/time.h>
 #include <time.h>
@@ -636,6 +637,11 @@ static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
     d->raw = r->str; /* taken over from the reply: freeReplyObject frees NULL */
     d->len = r->len;
     r->str = NULL;
+    if (b->block.direct_fd >= 0) { /* read into a memfd (rconn's direct_memfd): taken with its descriptor */
+        d->raw_shared = true;
+        d->raw_fd = b->block.direct_fd;
+        b->block.direct_fd = -1;
+    }
     d->tag = strdup(tag);
     d->queue = b->block_queue;
     d->priority = 0;
@@ -652,6 +658,7 @@ static bool block_open(struct redis_broker *b)
 {
     if (rconn_connected(&b->block))
         return true;
+    b->block.direct_memfd = true; /* a big message goes to the pool process in the memfd it was read into */
     if (rconn_open(&b->block, "broker-block", b->ep, 2000) == 0)
         return true;
     rconn_log(&b->main, BROKER_LOG_WARNING, "cannot open the blocking connection (%s); waiting on invalidations alone",
@@ -839,7 +846,12 @@ void broker_delivery_free(struct broker_delivery *d)
     if (!d)
         return;
     free(d->tag);
-    free(d->raw);
+    if (d->raw_shared) {
+        munmap(d->raw, d->len + 2);
+        close(d->raw_fd);
+    } else {
+        free(d->raw);
+    }
     free(d->msg_id);
     free(d);
 }

@@ -1040,7 +1040,8 @@ static void dispatch(struct consumer *c)
         double soft_limit = tl && tl->soft_limit > 0 ? tl->soft_limit : def ? def->soft_time_limit : 0;
         cs->backlog += cost;
         cs->writes++;
-        pool_submit(c->pool, best, j->seq, soft_limit, j->delivery->raw, j->delivery->len);
+        pool_submit(c->pool, best, j->seq, soft_limit, j->delivery->raw, j->delivery->len,
+                    j->delivery->raw_shared ? j->delivery->raw_fd : -1);
         list_push(&cs->jobs, j);
         if (!c->cfg->acks_late && !(def && def->acks_late))
             job_ack(c, j); /* early ack: the pool has accepted it */

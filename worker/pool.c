@@ -3,6 +3,7 @@
 #include "pool.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -593,10 +594,15 @@ static int handoff_fd(const char *raw, size_t len)
     return fd;
 }
 
-void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit, const char *raw, size_t len)
+void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit, const char *raw, size_t len,
+                 int raw_fd)
 {
     struct child *c = &p->children[child];
-    int fd = len >= HANDOFF_MIN ? handoff_fd(raw, len) : -1;
+    int fd = -1;
+    if (len >= HANDOFF_MIN) /* a memfd the message already lives in is handed over as it is */
+        fd = raw_fd >= 0 ? fcntl(raw_fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if (len >= HANDOFF_MIN && fd < 0)
+        fd = handoff_fd(raw, len);
     if (fd >= 0) {
         if (c->nhandoffs == c->handoffs_cap) {
             c->handoffs_cap = c->handoffs_cap ? c->handoffs_cap * 2 : 4;

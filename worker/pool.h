@@ -87,8 +87,10 @@ int pool_shrink(struct pool *p, int n);
 void pool_restart(struct pool *p);
 
 /* Queues one raw message (copied) for a child that accepts work; sent at the next pool_flush. soft_time_limit:
- * seconds, for a message that sets none (0: the pool's default). */
-void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit, const char *raw, size_t len);
+ * seconds, for a message that sets none (0: the pool's default). raw_fd: a memfd whose start holds raw (the
+ * transport read it there), handed over instead of a copy when raw is big; -1 when none. Borrowed. */
+void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit, const char *raw, size_t len,
+                 int raw_fd);
 int pool_pollfds(struct pool *p, struct pollfd *fds, int max);
 void pool_process(struct pool *p, const struct pollfd *fds, int n);
 void pool_flush(struct pool *p);

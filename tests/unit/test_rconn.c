@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <cmocka.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -166,12 +167,74 @@ static void test_closing_in_the_middle_of_a_big_bulk(void **state)
     free(s);
 }
 
+struct taken {
+    char *map;
+    size_t len;
+    int fd;
+};
+
+/* As the block connection's callback does: takes the mapping and its memfd. */
+static void take_mapping(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)steal;
+    struct taken *t = arg;
+    t->map = r->str;
+    t->len = r->len;
+    r->str = NULL;
+    t->fd = c->direct_fd;
+    c->direct_fd = -1;
+}
+
+static void look_only(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)c, (void)steal;
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    ++*(int *)arg;
+}
+
+static void test_big_bulk_into_a_memfd(void **state)
+{
+    (void)state;
+    const size_t big = (1u << 20) + 11;
+    size_t len;
+    char *s = stream_with_big_bulk(big, "", ":1\r\n", &len);
+    struct pair p;
+    open_pair(&p);
+    p.c.direct_memfd = true;
+    struct taken t = {NULL, 0, -1};
+    struct slot after = {0};
+    rconn_command(&p.c, take_mapping, &t, "PING");
+    rconn_command(&p.c, keep, &after, "PING");
+    feed(&p, s, len, 100, 70000);
+    assert_non_null(t.map);
+    assert_true(t.fd >= 0);
+    struct redisReply view = {.type = REDIS_REPLY_STRING, .len = t.len, .str = t.map};
+    assert_big(&view, big);
+    /* The memfd holds the message itself: what another process maps is what was read. */
+    char head[8];
+    assert_int_equal(pread(t.fd, head, sizeof head, 0), (ssize_t)sizeof head);
+    assert_memory_equal(head, "abcdefgh", sizeof head);
+    assert_int_equal(after.reply->integer, 1);
+    freeReplyObject(after.reply);
+    munmap(t.map, t.len + 2);
+    close(t.fd);
+    /* A callback that takes nothing: rconn unmaps the buffer and closes the memfd itself. */
+    int seen = 0;
+    rconn_command(&p.c, look_only, &seen, "PING");
+    feed(&p, s, len - 4, 100, 70000);
+    assert_int_equal(seen, 1);
+    assert_int_equal(p.c.direct_fd, -1);
+    close_pair(&p);
+    free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_big_bulk_between_replies_any_split),
         cmocka_unit_test(test_big_bulk_inside_an_array_goes_through_hiredis),
         cmocka_unit_test(test_closing_in_the_middle_of_a_big_bulk),
+        cmocka_unit_test(test_big_bulk_into_a_memfd),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
