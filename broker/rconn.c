@@ -121,6 +121,7 @@ int rconn_open(struct rconn *c, const char *name, const struct broker_endpoint *
 {
     c->name = name;
     c->errstr[0] = '\0';
+    c->direct_fd = -1;
     redisContext *ctx = broker_connect_blocking(ep, timeout_ms, c->errstr, sizeof c->errstr);
     if (!ctx)
         return -1;
@@ -320,17 +321,31 @@ static int deliver_mapped(struct rconn *c, redisReply *r, bool *taken)
     return c->ctx ? 0 : -1;
 }
 
+/* Whether hiredis's reader holds nothing of a reply: no bytes left, and no reply begun. After the last reply
+ * it hands out, the reader has already set up the next one (ridx 0, its type not read yet). */
+static bool reader_at_boundary(const redisReader *rd)
+{
+    if (rd->pos != rd->len)
+        return false;
+    if (rd->ridx == -1)
+        return true;
+#if HIREDIS_MAJOR >= 1
+    return rd->ridx == 0 && rd->task[0]->type == -1;
+#else
+    return rd->ridx == 0 && rd->rstack[0].type == -1;
+#endif
+}
+
 /* data (n bytes just read) at a reply boundary: when it starts a bulk string of DIRECT_MIN bytes or more,
  * that reply is read directly from here on. Returns the bytes of data it took (header and payload), 0 when
  * it does not apply (the data then goes to hiredis as usual). */
 static size_t direct_start(struct rconn *c, const char *data, size_t n)
 {
     const redisReader *rd = c->ctx->reader;
-    if (n < 4 || data[0] != '$' || rd->ridx != -1 || rd->pos != rd->len)
+    if (n < 4 || data[0] != '$' || !reader_at_boundary(rd))
         return 0;
     size_t i = 1;
     unsigned long long len = 0;
-    c->direct_fd = -1;
     for (; i < n && i < 19 && data[i] >= '0' && data[i] <= '9'; i++)
         len = len * 10 + (unsigned long long)(data[i] - '0');
     if (i + 1 >= n || data[i] != '\r' || data[i + 1] != '\n' || len < DIRECT_MIN)

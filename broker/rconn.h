@@ -78,7 +78,8 @@ void rconn_send(struct rconn *c, const char *fmt, ...);
  * (then c->errstr says why; the caller closes). */
 int rconn_flush(struct rconn *c);
 /* Reads what is available and dispatches every complete reply. Returns 0, or -1 when the connection broke.
- * A top-level bulk string of 1 MiB or more that begins between two replies (a BLMOVE's 60 MB message) is read
+ * A top-level bulk string of 1 MiB or more that begins a read between two replies (a BLMOVE's 60 MB message,
+ * the one reply in flight on its connection; a reply pipelined behind others mostly begins mid-read) is read
  * straight into the buffer its reply hands over, instead of through hiredis's reader, which holds such a
  * reply twice (its input buffer, then the reply's copy): two fewer copies and page-faulted buffers. */
 int rconn_read(struct rconn *c);

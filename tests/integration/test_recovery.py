@@ -219,6 +219,16 @@ _inbox_only = pytest.mark.celeriac_only("celeriac's own idle wait (kombu waits i
 INBOXES = "celeriac.inboxes"
 
 
+def fd_links(pid):
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            pass
+    return links
+
+
 def inbox_keys(broker):
     return sorted(k.decode() for k in broker.scan_iter("celeriac.inbox.*"))
 
@@ -310,6 +320,8 @@ def test_a_big_message_taken_by_the_idle_wait_is_recorded_in_kombus_format(app, 
         assert broker.hget("unacked", tag) == ('[' + raw + ', "", "celery"]').encode()
         assert broker.zscore("unacked_index", tag) is not None
         assert broker.info("commandstats")["cmdstat_ltrim"]["calls"] == ltrims + 1, "not the client's record"
+        # Read straight into a memfd, which the worker holds with the delivery (and the pool process maps).
+        assert any("celeriac-message" in link for link in fd_links(w.proc.pid))
         assert inbox_keys(broker) == [] or all(broker.llen(k) == 0 for k in inbox_keys(broker))
     finally:
         os.kill(child, signal.SIGCONT)
