@@ -546,7 +546,11 @@ class Celeriac(_Process):
 
     def __enter__(self):
         self.start()
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.cleanup()  # __exit__ is not called when __enter__ fails: the worker would be left running
+            raise
         return self
 
     def sanitizer_reports(self):
@@ -606,7 +610,11 @@ class CeleryWorker(_Process):
 
     def __enter__(self):
         self.start()
-        self.wait_ready(60)
+        try:
+            self.wait_ready(60)
+        except BaseException:
+            self.cleanup()  # as Celeriac.__enter__: no worker left running when it never got ready
+            raise
         return self
 
 
