@@ -6,7 +6,7 @@
  * amqp_simple_wait_frame_noblock until nothing is buffered (the next poll says when there is more); that same
  * call sends our heartbeats, so broker_tick also drains once a second (twice
  * with a 1 s heartbeat) whatever the socket says. The broker's missed heartbeats are noticed by the loop
- * itself (heartbeat_missed): librabbitmq only checks them in a read that may wait.
+ * itself (wire_heartbeat_lost): librabbitmq only checks them in a read that may wait.
  *
  * Flow control is the broker's: basic.qos bounds the unacked messages, and "fetching" moves that window.
  * The consumer asks for budget = prefetch - held - in flight, where in flight = window - unacked; with
@@ -281,11 +281,6 @@ static bool want_drain(struct amqp_broker *b, const struct pollfd *fds, int n)
     return wire_want_read(b->st, &b->last_rx, fds, n);
 }
 
-static bool heartbeat_missed(const struct amqp_broker *b, double now)
-{
-    return wire_heartbeat_missed(b->st, b->last_rx, now);
-}
-
 /* Reads every frame librabbitmq can hand out without blocking (this also keeps the heartbeats going). One read
  * from the socket per call: once what it brought is used up, asking again would cost a recv that fails and a
  * poll (librabbitmq's), on every wake-up; the loop's poll says when there is more. */
@@ -310,19 +305,17 @@ static void drain(struct amqp_broker *b)
     }
 }
 
-/* False once the broker missed its heartbeats (see heartbeat_missed), and then the connection is dropped. What
- * is waiting in the socket is read first: the loop may have been busy elsewhere for a while. */
+static void drain_arg(void *b)
+{
+    drain(b);
+}
+
+/* False once the broker missed its heartbeats (wire_heartbeat_lost), and then the connection is dropped. */
 static bool alive(struct amqp_broker *b, double now)
 {
-    if (!b->st || !heartbeat_missed(b, now))
-        return b->st != NULL;
-    wire_note_readable(b->st, &b->last_rx, now);
-    drain(b);
-    if (b->st && heartbeat_missed(b, wire_now())) {
-        char why[96];
-        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", wire_now() - b->last_rx);
+    char why[96];
+    if (wire_heartbeat_lost(&b->st, &b->last_rx, now, drain_arg, b, why, sizeof why))
         lost(b, why);
-    }
     return b->st != NULL;
 }
 

@@ -146,11 +146,6 @@ static bool want_drain(struct amqp_bus *b, const struct pollfd *fds, int n)
     return wire_want_read(b->st, &b->last_rx, fds, n);
 }
 
-static bool heartbeat_missed(const struct amqp_bus *b, double now)
-{
-    return wire_heartbeat_missed(b->st, b->last_rx, now);
-}
-
 static void drain(struct amqp_bus *b)
 {
     struct timeval zero = {0, 0};
@@ -184,19 +179,17 @@ static void drain(struct amqp_bus *b)
     }
 }
 
-/* False once the broker missed its heartbeats (see heartbeat_missed), and then the connection is dropped. What
- * is waiting in the socket is read first: the loop may have been busy elsewhere for a while. */
+static void drain_arg(void *b)
+{
+    drain(b);
+}
+
+/* False once the broker missed its heartbeats (wire_heartbeat_lost), and then the connection is dropped. */
 static bool alive(struct amqp_bus *b, double now)
 {
-    if (!b->st || !heartbeat_missed(b, now))
-        return b->st != NULL;
-    wire_note_readable(b->st, &b->last_rx, now);
-    drain(b);
-    if (b->st && heartbeat_missed(b, wire_now())) {
-        char why[96];
-        snprintf(why, sizeof why, "missed heartbeats: nothing from the broker for %.1f s", wire_now() - b->last_rx);
+    char why[96];
+    if (wire_heartbeat_lost(&b->st, &b->last_rx, now, drain_arg, b, why, sizeof why))
         lost(b, why);
-    }
     return b->st != NULL;
 }
 

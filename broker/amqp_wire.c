@@ -1095,6 +1095,19 @@ double wire_housekeeping_interval(amqp_connection_state_t st)
     return hb > 0 && hb < 2 ? hb / 2.0 : 1.0;
 }
 
+bool wire_heartbeat_lost(amqp_connection_state_t *st, double *last_rx, double now, void (*drain)(void *arg), void *arg,
+                         char *why, size_t whylen)
+{
+    if (!*st || !wire_heartbeat_missed(*st, *last_rx, now))
+        return false;
+    wire_note_readable(*st, last_rx, now);
+    drain(arg);
+    if (!*st || !wire_heartbeat_missed(*st, *last_rx, wire_now()))
+        return false;
+    snprintf(why, whylen, "missed heartbeats: nothing from the broker for %.1f s", wire_now() - *last_rx);
+    return true;
+}
+
 void wire_note_readable(amqp_connection_state_t st, double *last_rx, double now)
 {
     struct pollfd pfd = {amqp_get_sockfd(st), POLLIN, 0};

@@ -81,5 +81,11 @@ double wire_housekeeping_interval(amqp_connection_state_t st);
 /* Before concluding that heartbeats were missed: a socket readable now counts as a sign of life (the loop may
  * have been busy elsewhere for a while). */
 void wire_note_readable(amqp_connection_state_t st, double *last_rx, double now);
+/* The heartbeat check the transport and the bus make before using their connection (*st, NULL when down): once
+ * the broker seems to have missed its heartbeats, what waits in the socket is read first (drain(arg), which may
+ * drop the connection and so clear *st; the loop may have been busy elsewhere for a while), and only then is it
+ * judged. Returns true when the connection is to be dropped, with why filled. */
+bool wire_heartbeat_lost(amqp_connection_state_t *st, double *last_rx, double now, void (*drain)(void *arg), void *arg,
+                         char *why, size_t whylen);
 
 #endif
