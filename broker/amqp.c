@@ -639,4 +639,5 @@ static const struct broker_ops amqp_ops = {
     amqp_ack,          amqp_requeue,      amqp_defer,      amqp_restore_visible, amqp_errstr,          amqp_add_queue,
     amqp_cancel_queue, amqp_queue_count,  amqp_queue_name, amqp_delivery_lost,   amqp_reject,
     NULL, /* fetch_blocked: the broker pushes, nothing waits */
+    NULL, NULL, /* wait_took, wait_ended: nothing waits, nothing is lent */
 };

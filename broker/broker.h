@@ -102,6 +102,13 @@ bool broker_delivery_lost(const struct broker *b, const struct broker_delivery *
 struct broker_handlers {
     /* Takes ownership of d. Called from broker_process, in pop order. */
     void (*on_deliver)(void *arg, struct broker_delivery *d);
+    /* Optional (Redis's idle wait): called instead of sending the BLMOVE `key` -> `inbox` (both borrowed for
+     * the call), to let someone else send it on its own connection and read the reply (a pool process:
+     * worker/lentwait.h). true: taken; then broker_wait_took or broker_wait_ended must follow. */
+    bool (*lend_wait)(void *arg, const char *key, const char *inbox);
+    /* Optional: the lent wait is needed back (the wait is cancelled: pause, a queue change, a lost
+     * connection); end it soon. */
+    void (*recall_wait)(void *arg);
 };
 
 struct broker_options {
@@ -144,6 +151,13 @@ int broker_fetch_in_flight(const struct broker *b);
 /* The part of it that is a wait for the next message (Redis's idle BLMOVE), answered only when one comes: not a
  * stalled broker. */
 int broker_fetch_blocked(const struct broker *b);
+/* The lent wait (broker_handlers.lend_wait) took raw[0..len) (borrowed; copied) from the queue into the inbox:
+ * delivered now through on_deliver, as the broker's own BLMOVE reply would be. raw NULL: the borrower cannot
+ * say what it took (it died): read from the inbox first (blocking, one round trip). */
+void broker_wait_took(struct broker *b, const char *raw, size_t len);
+/* The lent wait is over with nothing taken by its borrower: what it may have moved into the inbox is delivered
+ * from there (or put back on the queue, when the wait was recalled). */
+void broker_wait_ended(struct broker *b);
 /* Commands issued (acks, requeues, ...) whose replies have not come yet, or that are not even sent yet. A warm
  * shutdown waits for this to reach 0 so that it does not close the connection with requeues still unwritten. */
 size_t broker_pending(const struct broker *b);

@@ -272,6 +272,8 @@ struct redis_broker {
     bool block_ok;           /* the blocking move works here; false: invalidations alone (older server, ACL) */
     bool block_armed;        /* the last fetch found the queues empty: the next one waits in BLMOVE */
     bool block_out;          /* a BLMOVE is waiting (counted as one message in fetch_requested) */
+    bool lent;               /* the BLMOVE was lent instead (handlers.lend_wait): the same, on another's connection */
+    bool lent_recalled;      /* ... and asked back: when it ends, the inbox goes back to the queue */
     int block_queue;         /* the queue it waits on */
     /* The message the last BLMOVE took, until it is settled or the pass ends (see on_block_reply). */
     char *pending_tag;       /* owned; NULL: none */
@@ -322,7 +324,7 @@ static void on_wake_push(struct rconn *c, redisReply *r, void *arg, bool *steal)
     redisReply *keys = r->element[2];
     bool relevant = keys->type != REDIS_REPLY_ARRAY; /* nil: the whole keyspace was flushed */
     /* A push to the list a BLMOVE waits on is the BLMOVE's to take (and its reply asks for the rest). */
-    const char *waited = b->block_out ? b->keys[(size_t)b->block_queue * NPRIO] : NULL;
+    const char *waited = b->block_out || b->lent ? b->keys[(size_t)b->block_queue * NPRIO] : NULL;
     for (size_t i = 0; !relevant && i < keys->elements; i++) {
         redisReply *k = keys->element[i];
         relevant = k->type == REDIS_REPLY_STRING && is_queue_key(b, k->str, k->len) &&
@@ -610,38 +612,20 @@ static bool is_pending(const struct redis_broker *b, const char *tag)
     return b->pending_tag && strcmp(b->pending_tag, tag) == 0;
 }
 
-/* The BLMOVE's reply: a message now in our inbox, delivered at once (the round trip of a fetch is what the
- * inbox saves) and settled by pending_resolve. */
-static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)
+/* A message now in our inbox (raw owned: taken over; raw_fd: the memfd it lives in, or -1), delivered at once
+ * (the round trip of a fetch is what the inbox saves) and settled by pending_resolve. */
+static void inbox_delivered(struct redis_broker *b, char *raw, size_t len, int raw_fd)
 {
-    (void)c;
-    (void)steal;
-    struct redis_broker *b = arg;
-    b->block_out = false;
-    b->fetch_requested--;
-    if (!r || r->type == REDIS_REPLY_NIL)
-        return;
-    if (r->type != REDIS_REPLY_STRING) {
-        rconn_log(&b->main, BROKER_LOG_WARNING, "BLMOVE failed (%s); waiting on invalidations alone",
-                  r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-        b->block_ok = false;
-        b->maybe_ready = true;
-        return;
-    }
     char tag[128];
-    if (!message_tag(r->str, r->len, tag, sizeof tag) || tagset_has(&b->held, tag))
+    if (!message_tag(raw, len, tag, sizeof tag) || tagset_has(&b->held, tag))
         snprintf(tag, sizeof tag, "%sb%llu", b->tag_prefix, ++b->block_count);
     struct broker_delivery *d = calloc(1, sizeof *d);
     if (!d)
         abort();
-    d->raw = r->str; /* taken over from the reply: freeReplyObject frees NULL */
-    d->len = r->len;
-    r->str = NULL;
-    if (b->block.direct_fd >= 0) { /* read into a memfd (rconn's direct_memfd): taken with its descriptor */
-        d->raw_shared = true;
-        d->raw_fd = b->block.direct_fd;
-        b->block.direct_fd = -1;
-    }
+    d->raw = raw;
+    d->len = len;
+    d->raw_fd = raw_fd;
+    d->raw_shared = raw_fd >= 0;
     d->tag = strdup(tag);
     d->queue = b->block_queue;
     d->priority = 0;
@@ -652,6 +636,85 @@ static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
     b->pending_len = d->len;
     b->maybe_ready = true; /* more may be waiting behind it: the next fetch looks, and re-arms if none */
     b->h.on_deliver(b->arg, d);
+}
+
+/* The reply of the BLMOVE, or of the LINDEX that reads the inbox after a lent wait (nil when it is empty). */
+static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)c;
+    (void)steal;
+    struct redis_broker *b = arg;
+    b->block_out = false;
+    b->fetch_requested--;
+    if (!r || r->type == REDIS_REPLY_NIL) {
+        b->maybe_ready = true; /* the next fetch looks again, and waits again if the queue is empty */
+        return;
+    }
+    if (r->type != REDIS_REPLY_STRING) {
+        rconn_log(&b->main, BROKER_LOG_WARNING, "BLMOVE failed (%s); waiting on invalidations alone",
+                  r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        b->block_ok = false;
+        b->maybe_ready = true;
+        return;
+    }
+    char *raw = r->str; /* taken over from the reply: freeReplyObject frees NULL */
+    r->str = NULL;
+    int fd = b->block.direct_fd; /* read into a memfd (rconn's direct_memfd): taken with its descriptor */
+    b->block.direct_fd = -1;
+    inbox_delivered(b, raw, r->len, fd);
+}
+
+static bool block_open(struct redis_broker *b);
+
+static void redis_wait_took(struct broker *base, const char *raw, size_t len)
+{
+    struct redis_broker *b = (struct redis_broker *)base;
+    if (!b->lent)
+        return;
+    b->lent = false;
+    b->fetch_requested--;
+    if (!raw) {
+        /* Its borrower died running it before saying what it was: the inbox's oldest, read now, on the
+         * blocking connection (idle while the wait was lent: no other reply can come first). */
+        redisReply *r = block_open(b) ? rconn_call(&b->block, "LINDEX %s -1", b->inbox) : NULL;
+        if (r && r->type == REDIS_REPLY_STRING) {
+            char *m = r->str;
+            r->str = NULL;
+            inbox_delivered(b, m, r->len, -1);
+        }
+        if (r)
+            freeReplyObject(r);
+        return;
+    }
+    char *copy = malloc(len + 1);
+    if (!copy)
+        abort();
+    memcpy(copy, raw, len);
+    copy[len] = '\0';
+    inbox_delivered(b, copy, len, -1);
+}
+
+static void inbox_return(struct redis_broker *b, bool wait);
+
+/* A lent wait ended with nothing run: its BLMOVE may still have moved a message into the inbox (its borrower
+ * left it there, or lost its connection right after). Recalled: back to the queue. Otherwise read from the
+ * inbox on the blocking connection, as a BLMOVE reply (a big one straight into a memfd): LINDEX, since the
+ * settling (pending_resolve) takes it out of the inbox. */
+static void redis_wait_ended(struct broker *base)
+{
+    struct redis_broker *b = (struct redis_broker *)base;
+    if (!b->lent)
+        return;
+    b->lent = false;
+    b->fetch_requested--;
+    b->maybe_ready = true;
+    if (b->lent_recalled || !rconn_connected(&b->main) || !rconn_connected(&b->block)) {
+        inbox_return(b, false);
+        return;
+    }
+    rconn_command(&b->block, on_block_reply, b, "LINDEX %s -1", b->inbox);
+    b->block_out = true;
+    b->fetch_requested++;
 }
 
 static bool block_open(struct redis_broker *b)
@@ -674,11 +737,18 @@ static void block_wait(struct redis_broker *b)
 {
     b->block_armed = false;
     int q = single_queue(b);
-    if (q < 0 || !b->block_ok || !b->tracking_on || b->block_out || !block_open(b))
+    if (q < 0 || !b->block_ok || !b->tracking_on || b->block_out || b->lent || !block_open(b))
         return;
     if (b->inbox_queue != q && inbox_register(b, q, true) < 0) {
         rconn_log(&b->main, BROKER_LOG_WARNING, "cannot register the inbox; waiting on invalidations alone");
         b->block_ok = false; /* not tried again on every idle turn */
+        return;
+    }
+    b->block_queue = q;
+    if (b->h.lend_wait && b->h.lend_wait(b->arg, b->keys[(size_t)q * NPRIO], b->inbox)) {
+        b->lent = true;
+        b->lent_recalled = false;
+        b->fetch_requested++;
         return;
     }
     rconn_command(&b->block, on_block_reply, b, "BLMOVE %s %s RIGHT LEFT 0", b->keys[(size_t)q * NPRIO], b->inbox);
@@ -692,6 +762,10 @@ static void block_wait(struct redis_broker *b)
 static void block_cancel(struct redis_broker *b, bool wait)
 {
     b->block_armed = false;
+    if (b->lent && !b->lent_recalled) { /* its end puts the inbox back */
+        b->lent_recalled = true;
+        b->h.recall_wait(b->arg);
+    }
     if (!b->block_out)
         return;
     rconn_close(&b->block); /* on_block_reply(NULL) settles the count */
@@ -714,7 +788,8 @@ static int connect_broker(struct redis_broker *b, int timeout_ms)
         return -1;
     }
     b->errstr[0] = '\0';
-    inbox_return(b, true); /* a BLMOVE of the lost connection may have moved one */
+    if (!b->lent) /* else the lent wait's end does it (it may be taking a message right now) */
+        inbox_return(b, true); /* a BLMOVE of the lost connection may have moved one */
     setup_tracking(b, b->ep);
     b->maybe_ready = true;
     b->backoff = 0;
@@ -731,7 +806,7 @@ static void lost(struct redis_broker *b, const char *why)
     rconn_close(&b->main);
     rconn_close(&b->wake);
     rconn_close(&b->block);
-    b->block_armed = false;
+    block_cancel(b, false); /* a lent wait: recalled */
     free(b->pending_tag); /* its record can no longer be written: the inbox goes back to the queue on reconnect */
     b->pending_tag = NULL;
     b->backoff = BACKOFF_MIN;
@@ -1074,7 +1149,7 @@ static bool redis_should_fetch(const struct broker *base)
 {
     const struct redis_broker *b = (const struct redis_broker *)base;
     return rconn_connected(&b->main) &&
-           ((b->fetches < MAX_FETCHES && b->maybe_ready) || (b->block_armed && !b->block_out));
+           ((b->fetches < MAX_FETCHES && b->maybe_ready) || (b->block_armed && !b->block_out && !b->lent));
 }
 
 static int redis_fetch_in_flight(const struct broker *base)
@@ -1086,7 +1161,7 @@ static int redis_fetch_in_flight(const struct broker *base)
 static int redis_fetch_blocked(const struct broker *base)
 {
     const struct redis_broker *b = (const struct redis_broker *)base;
-    return b->block_out ? 1 : 0;
+    return b->block_out || b->lent ? 1 : 0;
 }
 
 static size_t redis_pending(const struct broker *base)
@@ -1554,5 +1629,5 @@ static const struct broker_ops redis_ops = {
     redis_defer, redis_restore_visible, redis_errstr, redis_add_queue, redis_cancel_queue, redis_queue_count,
     redis_queue_name, redis_delivery_lost,
     redis_ack, /* reject: kombu's Redis transport drops a rejected message as an ack does */
-    redis_fetch_blocked,
+    redis_fetch_blocked, redis_wait_took, redis_wait_ended,
 };

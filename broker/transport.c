@@ -72,6 +72,18 @@ int broker_fetch_blocked(const struct broker *b)
     return b->ops->fetch_blocked ? b->ops->fetch_blocked(b) : 0;
 }
 
+void broker_wait_took(struct broker *b, const char *raw, size_t len)
+{
+    if (b->ops->wait_took)
+        b->ops->wait_took(b, raw, len);
+}
+
+void broker_wait_ended(struct broker *b)
+{
+    if (b->ops->wait_ended)
+        b->ops->wait_ended(b);
+}
+
 size_t broker_pending(const struct broker *b)
 {
     return b->ops->pending(b);

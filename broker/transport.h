@@ -33,6 +33,9 @@ struct broker_ops {
     bool (*delivery_lost)(const struct broker *b, const struct broker_delivery *d);
     void (*reject)(struct broker *b, const char *tag);
     int (*fetch_blocked)(const struct broker *b); /* optional: NULL means never */
+    /* Optional (only a transport that calls lend_wait): */
+    void (*wait_took)(struct broker *b, const char *raw, size_t len);
+    void (*wait_ended)(struct broker *b);
 };
 
 /* The first member of every transport's own struct. */

@@ -22,6 +22,7 @@
 #include "control.h"
 #include "executor.h"
 #include "http.h"
+#include "lentwait.h"
 #include "log.h"
 #include "message.h"
 #include "metrics.h"
@@ -81,6 +82,15 @@ static void list_push(struct job_list *l, struct job *j)
     else
         l->head = j;
     l->tail = j;
+    l->len++;
+}
+
+static void list_push_front(struct job_list *l, struct job *j)
+{
+    j->next = l->head;
+    l->head = j;
+    if (!l->tail)
+        l->tail = j;
     l->len++;
 }
 
@@ -578,6 +588,35 @@ static void eta_release(struct consumer *c, double now)
 
 /* ------------------------------------------------------------------ broker events */
 
+static double job_assign(struct consumer *c, struct job *j, int child, double cost, double now);
+static void job_handed(struct consumer *c, struct job *j, int child);
+
+/* The delivery a pool process took through the lent wait and is running already: decoded and put on that
+ * child's books as dispatch would have. false when it does not decode (impossible: the child decoded it with the
+ * same code); it is then handled as any delivery, and the child's result finds no job (logged). */
+static bool took_bind(struct consumer *c, struct job *j)
+{
+    char err[256];
+    if (msg_decode_envelope(j->delivery->raw, j->delivery->len, (size_t)c->cfg->max_message_size, &j->req, err,
+                            sizeof err) != MSG_OK) {
+        msg_request_clear(&j->req);
+        j->req = (struct msg_request){0};
+        return false;
+    }
+    int child = c->took_child;
+    j->seq = c->took_seq;
+    log_debug("Task %s[%s] taken by pool process %d, which waited for it", j->req.task.s, j->req.id.s,
+              (int)pool_child_pid(c->pool, child));
+    log_received(j);
+    event_received(c, j);
+    job_assign(c, j, child, expected_cost(c, j->req.task.s), epoch_now());
+    list_push_front(&c->children[child].jobs, j); /* it runs before anything sent to the child since the lend */
+    job_handed(c, j, child);
+    if (job_revoked(c, j)) /* revoked after the child looked (the same race as a revoke overtaking a fetch) */
+        pool_flag_revoked(c->pool, child, j->seq);
+    return true;
+}
+
 static void on_deliver(void *arg, struct broker_delivery *d)
 {
     struct consumer *c = arg;
@@ -590,6 +629,8 @@ static void on_deliver(void *arg, struct broker_delivery *d)
     c->broker_progress = j->received = epoch_now();
     c->held++;
     eta_scan_check(c, broker_delivery_identity(d));
+    if (c->took_child >= 0 && took_bind(c, j))
+        return;
     if (c->stopping) {
         /* Fetched after the shutdown began: straight back where it came from. */
         broker_requeue(c->broker, d);
@@ -1009,8 +1050,8 @@ static void dispatch(struct consumer *c)
         int best = -1;
         for (int i = 0; i < n; i++) {
             struct child_state *cs = &c->children[i];
-            if (!pool_accepts(c->pool, i))
-                continue; /* empty, or leaving (shrink, restart) */
+            if (!pool_accepts(c->pool, i) || i == c->lent_child)
+                continue; /* empty, or leaving (shrink, restart); or waiting for the next message itself */
             if (cs->jobs.len && cs->backlog + cost <= PACK_BACKLOG) {
                 best = i;
                 break;
@@ -1019,41 +1060,118 @@ static void dispatch(struct consumer *c)
                 (cs->backlog == c->children[best].backlog && cs->jobs.len < c->children[best].jobs.len))
                 best = i;
         }
+        if (best < 0 && c->lent_child >= 0 && pool_accepts(c->pool, c->lent_child)) {
+            best = c->lent_child; /* the only one left: it stops waiting first (frames are read in order) */
+            pool_recall_wait(c->pool, best);
+        }
         if (best < 0)
             break; /* every process is being replaced: the jobs wait here for the new ones */
         struct child_state *cs = &c->children[best];
         if (cs->jobs.len && (cs->backlog + cost > DISPATCH_HORIZON || cs->jobs.len >= CHILD_QUEUE_MAX))
             break; /* every child has enough to do; the rest waits here, where it can still be requeued */
         list_pop(&c->ready);
-        json_t *total = json_object_get(c->totals, j->req.task.s);
-        json_object_set_new(c->totals, j->req.task.s, json_integer(total ? json_integer_value(total) + 1 : 1));
-        j->cost = cost;
-        metrics_queue_latency(c->metrics, now - fmax(j->received, j->eta));
-        struct task_limits *tl = task_limits(c, j->req.task.s, false);
-        const struct task_def *def = task_registry_find(j->req.task.s);
-        /* Celery's precedence: the message, then the task type's limit (time_limit control), then the task's
-         * declared default, then the worker's. */
-        j->hard_limit = j->req.has_time_limit             ? j->req.time_limit
-                        : tl && tl->hard_limit > 0        ? tl->hard_limit
-                        : def && def->time_limit > 0      ? def->time_limit
-                                                          : c->cfg->time_limit;
-        double soft_limit = tl && tl->soft_limit > 0 ? tl->soft_limit : def ? def->soft_time_limit : 0;
-        cs->backlog += cost;
-        cs->writes++;
+        double soft_limit = job_assign(c, j, best, cost, now);
         pool_submit(c->pool, best, j->seq, soft_limit, j->delivery->raw, j->delivery->len,
                     j->delivery->raw_shared ? j->delivery->raw_fd : -1);
         list_push(&cs->jobs, j);
-        if (!c->cfg->acks_late && !(def && def->acks_late))
-            job_ack(c, j); /* early ack: the pool has accepted it */
-        if (c->cfg->track_started && c->backend && j->req.id.s && !j->req.ignore_result) {
-            struct buf doc = {0};
-            struct result_meta meta = {.task_id = j->req.id.s, .group_id = j->req.group.s,
-                                       .parent_id = j->req.parent_id.s};
-            result_doc_started(&doc, &meta, (int)pool_child_pid(c->pool, best), c->cfg->node_name);
-            store_doc(c, NULL, j->req.id.s, doc.data, doc.len);
-            buf_free(&doc);
+        job_handed(c, j, best);
+    }
+}
+
+/* The books of a job handed to child: totals, its expected cost, its hard limit. Returns the soft limit the
+ * child is to apply when the message sets none. */
+static double job_assign(struct consumer *c, struct job *j, int child, double cost, double now)
+{
+    json_t *total = json_object_get(c->totals, j->req.task.s);
+    json_object_set_new(c->totals, j->req.task.s, json_integer(total ? json_integer_value(total) + 1 : 1));
+    j->cost = cost;
+    metrics_queue_latency(c->metrics, now - fmax(j->received, j->eta));
+    struct task_limits *tl = task_limits(c, j->req.task.s, false);
+    const struct task_def *def = task_registry_find(j->req.task.s);
+    /* Celery's precedence: the message, then the task type's limit (time_limit control), then the task's
+     * declared default, then the worker's. */
+    j->hard_limit = j->req.has_time_limit        ? j->req.time_limit
+                    : tl && tl->hard_limit > 0   ? tl->hard_limit
+                    : def && def->time_limit > 0 ? def->time_limit
+                                                 : c->cfg->time_limit;
+    c->children[child].backlog += cost;
+    c->children[child].writes++;
+    return tl && tl->soft_limit > 0 ? tl->soft_limit : def ? def->soft_time_limit : 0;
+}
+
+/* Once the job is on child's list: the early ack (the pool has accepted it) and the STARTED state. */
+static void job_handed(struct consumer *c, struct job *j, int child)
+{
+    const struct task_def *def = task_registry_find(j->req.task.s);
+    if (!c->cfg->acks_late && !(def && def->acks_late))
+        job_ack(c, j);
+    if (c->cfg->track_started && c->backend && j->req.id.s && !j->req.ignore_result) {
+        struct buf doc = {0};
+        struct result_meta meta = {.task_id = j->req.id.s, .group_id = j->req.group.s,
+                                   .parent_id = j->req.parent_id.s};
+        result_doc_started(&doc, &meta, (int)pool_child_pid(c->pool, child), c->cfg->node_name);
+        store_doc(c, NULL, j->req.id.s, doc.data, doc.len);
+        buf_free(&doc);
+    }
+}
+
+/* ------------------------------------------------------------------ the lent wait (lentwait.h) */
+
+/* What a child must know to run what it takes by itself: kept current every pass (limits and revokes change
+ * through remote control). */
+static void gate_refresh(struct consumer *c)
+{
+    lent_gate_set(pool_gate(c->pool), !c->cfg->track_started && c->nlimits == 0, (size_t)c->cfg->max_message_size);
+}
+
+/* broker_handlers.lend_wait: to the first idle child, when nothing waits in the main process. */
+static bool lend_wait(void *arg, const char *key, const char *inbox)
+{
+    struct consumer *c = arg;
+    if (c->stopping || c->lent_child >= 0 || c->ready.len || c->throttled.len || epoch_now() < c->lend_after ||
+        !pool_gate(c->pool))
+        return false;
+    gate_refresh(c);
+    for (int i = 0; i < pool_capacity(c->pool); i++) {
+        if (!pool_accepts(c->pool, i) || c->children[i].jobs.len)
+            continue;
+        uint64_t seq = ++c->next_seq;
+        if (pool_lend_wait(c->pool, i, seq, key, inbox)) {
+            c->lent_child = i;
+            c->lent_seq = seq;
+            return true;
         }
     }
+    return false;
+}
+
+static void recall_wait(void *arg)
+{
+    struct consumer *c = arg;
+    if (c->lent_child >= 0)
+        pool_recall_wait(c->pool, c->lent_child);
+}
+
+static void on_wait_took(void *arg, int child, uint64_t seq, const char *raw, size_t len)
+{
+    struct consumer *c = arg;
+    c->lent_child = -1;
+    c->took_child = child;
+    c->took_seq = seq;
+    broker_wait_took(c->broker, raw, len);
+    c->took_child = -1;
+}
+
+static void on_wait_end(void *arg, int child, int why)
+{
+    (void)child;
+    struct consumer *c = arg;
+    c->lent_child = -1;
+    if (why == POOL_WAIT_REFUSED)
+        c->lend_after = INFINITY; /* the child logged why; the main process's own BLMOVE finds out the same */
+    else if (why == POOL_WAIT_UNREACHABLE)
+        c->lend_after = epoch_now() + 1.0;
+    broker_wait_ended(c->broker);
 }
 
 /* Hands what is ready to the pool, then asks the broker for the budget that leaves. Before acks are flushed: a
@@ -1083,7 +1201,9 @@ struct job *running_job(const struct consumer *c, int child, double *started)
 
 static void on_revoked_loaded(void *arg, const char *id, double when)
 {
-    revoked_add(arg, id, when);
+    struct consumer *c = arg;
+    revoked_add(c->revoked, id, when);
+    lent_gate_revoke(pool_gate(c->pool), id);
 }
 
 /* Task-started for every job a child has begun since the last pass. */
@@ -1318,7 +1438,8 @@ int consumer_run(const struct config *cfg)
                                 cfg->result_backend ? &c->backend_ep : NULL,
                                 cfg->queues[0],
                                 cfg->default_queue};
-    struct pool_handlers ph = {on_result, on_child_exit};
+    struct pool_handlers ph = {on_result, on_child_exit, on_wait_took, on_wait_end};
+    c->lent_child = c->took_child = -1;
     c->pool = pool_start(&popt, &ph, c, err, sizeof err);
     if (!c->pool) {
         log_critical("%s", err);
@@ -1327,7 +1448,7 @@ int consumer_run(const struct config *cfg)
 
     struct broker_options bopt = {(const char *const *)cfg->queues, cfg->nqueues, cfg->visibility_timeout,
                                  log_from_broker};
-    struct broker_handlers bh = {on_deliver};
+    struct broker_handlers bh = {on_deliver, lend_wait, recall_wait};
     c->broker = broker_open(&c->broker_ep, &bopt, &bh, c, err, sizeof err);
     if (!c->broker) {
         log_critical("Cannot connect to %s: %s", c->broker_display, err);
@@ -1377,10 +1498,10 @@ int consumer_run(const struct config *cfg)
     }
     long nrevoked = c->broker_ep.kind == BROKER_AMQP
                         ? c->backend ? backend_revoked_load(c->backend, REVOKED_KEY, c->started_at, REVOKED_TTL,
-                                                            on_revoked_loaded, c->revoked)
+                                                            on_revoked_loaded, c)
                                      : 0
                         : bus_revoked_load(c->bus, REVOKED_KEY, c->started_at, REVOKED_TTL, on_revoked_loaded,
-                                           c->revoked);
+                                           c);
     if (nrevoked > 0)
         log_info("Loaded %ld revoked task id(s) from Redis", nrevoked);
     if (c->broker_ep.kind == BROKER_AMQP && !c->backend)
@@ -1411,6 +1532,7 @@ int consumer_run(const struct config *cfg)
         double now = epoch_now();
         if (!c->stopping)
             eta_release(c, now);
+        gate_refresh(c);
         dispatch_and_fetch(c, now);
         notice_started(c);
         if (now >= c->next_heartbeat) {

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -20,14 +21,23 @@
 
 #include "buf.h"
 #include "executor.h"
+#include "lentwait.h"
 #include "log.h"
+#include "task.h"
 
-enum { FRAME_TASK = 1, FRAME_RESULT = 2, FRAME_TASK_FD = 3 };
+enum {
+    FRAME_TASK = 1, FRAME_RESULT = 2, FRAME_TASK_FD = 3,
+    FRAME_WAIT = 4, FRAME_RECALL = 5, FRAME_TOOK = 6, FRAME_WAIT_END = 7, /* the lent wait (lentwait.h) */
+};
 /* Frame: u32 length of what follows | u8 type | payload.
  * TASK payload:    u64 seq | f64 soft time limit (0: the message's or the default) | raw message
  * TASK_FD payload: u64 seq | f64 soft time limit | u64 message length; the message is in a memfd passed
  *                  (SCM_RIGHTS) with the frame's first byte
- * RESULT payload:  u64 seq | u8 flags (1 failed, 2 stored, 4 retried) | f64 runtime | u32 doc length | doc | summary (rest) */
+ * RESULT payload:  u64 seq | u8 flags (1 failed, 2 stored, 4 retried) | f64 runtime | u32 doc length | doc | summary (rest)
+ * WAIT payload:    u64 seq (for the task the wait may bring) | u32 key length | queue key | inbox (rest)
+ * RECALL:          no payload: end the wait now, if it is still on
+ * TOOK payload:    u64 seq | raw message: taken by the wait and running now (its RESULT follows)
+ * WAIT_END payload: u8 enum pool_wait_end: the wait is over, nothing was run */
 #define FRAME_HEADER 5
 /* Messages this large go to the child in a memfd it maps, instead of through the socket: a 60 MB message
  * took ~70 ms of socket round trips (a couple of hundred KiB per wakeup) on top of copying it into the frame
@@ -36,6 +46,7 @@ enum { FRAME_TASK = 1, FRAME_RESULT = 2, FRAME_TASK_FD = 3 };
 #define FDS_PER_READ 8 /* the kernel hands over the fds of one send per read; room to spare */
 #define LONG_TASK_S 0.0005 /* a child sends results at once after a task this long */
 #define BIG_BUFFER (16u << 20) /* a frame buffer this large is freed, not kept, once empty */
+#define TOOK_AFTER_S 0.001 /* a lent task running this long is announced before it ends (lentwait.h) */
 
 struct child {
     pid_t pid;
@@ -54,6 +65,9 @@ struct child {
     bool wanted;            /* the index should hold a process (false once shrunk away, or never used) */
     bool leaving;           /* takes no new work; its input is closed once it has nothing outstanding */
     bool input_closed;
+    bool lent;              /* the broker's wait is lent to it (pool_lend_wait) and has not come back */
+    uint64_t lent_seq;
+    bool recalled;          /* ... and a RECALL is on its way */
 };
 
 /* One per child, in memory shared with it: the child stamps the task it starts, so the main process can
@@ -71,6 +85,7 @@ struct pool {
     struct child *children; /* cap entries; indexes are stable for the life of the pool */
     int cap;
     int started;             /* children ever started, for names */
+    struct lent_gate *gate;  /* owned; shared with every child */
 };
 
 static void put_u32(struct buf *b, uint32_t v)
@@ -295,18 +310,142 @@ static const char *handoff_message(struct fd_fifo *fifo, size_t len, void **map,
     return msg;
 }
 
-static void child_loop(int fd, const struct pool_options *opt, struct pool_slot *slot)
+/* What a child keeps between tasks. */
+struct child_env {
+    int fd; /* its end of the socketpair */
+    const struct pool_options *opt;
+    struct pool_slot *slot;
+    const struct lent_gate *gate;
+    struct executor *ex;
+    struct child_store store;
+    struct buf out, doc, summary;
+    long done;
+    struct lent_wait wait;
+    uint64_t wait_seq;
+    struct lent_notice notice;
+    struct buf took; /* the TOOK frame of the lent task running now */
+};
+
+static int child_send(struct child_env *env);
+
+/* Runs one task and appends its RESULT frame to env->out, sent at once after a long task. took: a lent
+ * task's TOOK frame, which goes first unless its watchdog sent it already (NULL otherwise). Returns true when
+ * the child should retire now (or its socket broke). */
+static bool run_task(struct child_env *env, uint64_t seq, double soft_time_limit, const char *message,
+                     size_t message_len, const struct buf *took)
 {
-    long done = 0;
-    bool retire = false;
-    struct child_store store = {.opt = opt};
+    buf_reset(&env->doc);
+    buf_reset(&env->summary);
+    double runtime = 0;
+    double now = pool_clock();
+    __atomic_store(&env->slot->started, &now, __ATOMIC_RELAXED);
+    __atomic_store_n(&env->slot->seq, seq, __ATOMIC_RELEASE);
+    enum executor_status status = executor_run(env->ex, message, message_len, soft_time_limit, &env->doc,
+                                                &env->summary, &runtime);
+    __atomic_store_n(&env->slot->seq, 0, __ATOMIC_RELEASE);
+    bool retire = should_retire(env->opt, ++env->done);
+    struct buf *out = &env->out;
+    if (took && !lent_notice_disarm(&env->notice))
+        buf_append(out, took->data, took->len);
+    put_u32(out, (uint32_t)(1 + 8 + 1 + 8 + 4 + env->doc.len + env->summary.len));
+    buf_append_char(out, FRAME_RESULT);
+    put_u64(out, seq);
+    store_append(&env->store, executor_last_task_id(env->ex), &env->doc, out->len);
+    /* bit 0: failed; bit 1 (set by store_flush): stored; bit 2: retried */
+    buf_append_char(out, (char)((status == EXECUTOR_FAILED ? 1 : 0) | (status == EXECUTOR_RETRIED ? 4 : 0)));
+    buf_append(out, &runtime, sizeof runtime);
+    put_u32(out, (uint32_t)env->doc.len);
+    buf_append(out, env->doc.data ? env->doc.data : "", env->doc.len);
+    buf_append(out, env->summary.data ? env->summary.data : "", env->summary.len);
+    if (runtime > LONG_TASK_S || out->len > (1 << 20) || retire)
+        return child_send(env) < 0 || retire;
+    return false;
+}
+
+/* Stores the results gathered and writes every frame waiting in env->out. */
+static int child_send(struct child_env *env)
+{
+    if (!env->out.len)
+        return 0;
+    store_flush(&env->store, &env->out);
+    int rc = write_all(env->fd, env->out.data, env->out.len);
+    buf_reset(&env->out);
+    return rc;
+}
+
+static void wait_end(struct child_env *env, enum pool_wait_end why)
+{
+    put_u32(&env->out, 2);
+    buf_append_char(&env->out, FRAME_WAIT_END);
+    buf_append_char(&env->out, (char)why);
+}
+
+/* A WAIT frame (payload borrowed): the BLMOVE goes out on the child's own connection. */
+static void wait_begin(struct child_env *env, const char *p, size_t len)
+{
+    uint32_t klen = len >= 12 ? get_u32(p + 8) : 0;
+    if (len < 12 || 12 + (size_t)klen >= len || env->wait.waiting || !env->opt->redis) {
+        wait_end(env, POOL_WAIT_UNREACHABLE);
+        return;
+    }
+    char *key = strndup(p + 12, klen), *inbox = strndup(p + 12 + klen, len - 12 - klen);
+    if (!key || !inbox)
+        abort();
+    env->wait_seq = get_u64(p);
+    if (lent_wait_start(&env->wait, env->opt->redis, key, inbox) < 0)
+        wait_end(env, POOL_WAIT_UNREACHABLE);
+    free(key);
+    free(inbox);
+}
+
+/* The wait's reply is readable: run the message (TOOK first, so the main process knows before the result),
+ * or leave it in the inbox for the main process. Returns true when the child should retire now. */
+static bool wait_answered(struct child_env *env)
+{
+    char *raw;
+    size_t len;
+    enum lent_outcome o = lent_wait_read(&env->wait, &raw, &len);
+    const struct task_def *def = o == LENT_MESSAGE ? lent_gate_admits(env->gate, raw, len) : NULL;
+    if (!def) {
+        free(raw);
+        wait_end(env, o == LENT_REFUSED ? POOL_WAIT_REFUSED : POOL_WAIT_OVER);
+        return child_send(env) < 0;
+    }
+    struct buf *took = &env->took;
+    buf_reset(took);
+    put_u32(took, (uint32_t)(1 + 8 + len));
+    buf_append_char(took, FRAME_TOOK);
+    put_u64(took, env->wait_seq);
+    buf_append(took, raw, len);
+    bool deferred = lent_notice_arm(&env->notice, env->fd, took->data, took->len, TOOK_AFTER_S) == 0;
+    if (!deferred)
+        buf_append(&env->out, took->data, took->len);
+    bool stop = child_send(env) < 0 || run_task(env, env->wait_seq, def->soft_time_limit > 0 ? def->soft_time_limit : 0,
+                                                raw, len, deferred ? took : NULL);
+    free(raw);
+    return stop || child_send(env) < 0;
+}
+
+static void child_loop(int fd, const struct pool_options *opt, struct pool_slot *slot, const struct lent_gate *gate)
+{
+    struct child_env env = {.fd = fd, .opt = opt, .slot = slot, .gate = gate, .store = {.opt = opt}};
     struct executor_options eopt = {opt->hostname,       opt->redis,         opt->backend,      opt->result_expires,
                                     opt->soft_time_limit, opt->native_queue, opt->default_queue, &slot->seq,
                                     &slot->revoke_seq};
-    struct executor *ex = executor_new(&eopt);
-    struct buf in = {0}, out = {0}, doc = {0}, summary = {0};
+    env.ex = executor_new(&eopt);
+    struct buf in = {0};
     struct fd_fifo fifo = {0};
     for (;;) {
+        if (env.wait.waiting) {
+            struct pollfd pf[2] = {{fd, POLLIN, 0}, {env.wait.conn->fd, POLLIN, 0}};
+            if (poll(pf, 2, -1) < 0)
+                continue; /* EINTR */
+            if (pf[1].revents && wait_answered(&env))
+                goto done;
+            log_flush();
+            if (!pf[0].revents)
+                continue;
+        }
         buf_reserve(&in, 1 << 16);
         ssize_t n = read_frames(fd, &in, &fifo);
         if (n < 0 && errno == EINTR)
@@ -321,6 +460,17 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
                 break;
             const char *frame = in.data + off + 4;
             off += 4 + flen;
+            if (frame[0] == FRAME_WAIT) {
+                wait_begin(&env, frame + 1, flen - 1);
+                continue;
+            }
+            if (frame[0] == FRAME_RECALL) {
+                if (env.wait.waiting) {
+                    lent_wait_cancel(&env.wait);
+                    wait_end(&env, POOL_WAIT_OVER);
+                }
+                continue;
+            }
             if (!((frame[0] == FRAME_TASK && flen >= 17) || (frame[0] == FRAME_TASK_FD && flen == 25)))
                 continue;
             uint64_t seq = get_u64(frame + 1);
@@ -339,62 +489,35 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
                     message_len = 0;
                 }
             }
-            buf_reset(&doc);
-            buf_reset(&summary);
-            double runtime = 0;
-            double now = pool_clock();
-            __atomic_store(&slot->started, &now, __ATOMIC_RELAXED);
-            __atomic_store_n(&slot->seq, seq, __ATOMIC_RELEASE);
-            enum executor_status status = executor_run(ex, message, message_len, soft_time_limit, &doc, &summary,
-                                                        &runtime);
-            __atomic_store_n(&slot->seq, 0, __ATOMIC_RELEASE);
+            bool stop = run_task(&env, seq, soft_time_limit, message, message_len, NULL);
             if (map)
                 munmap(map, maplen);
             free(copy);
-            retire = should_retire(opt, ++done);
-            put_u32(&out, (uint32_t)(1 + 8 + 1 + 8 + 4 + doc.len + summary.len));
-            buf_append_char(&out, FRAME_RESULT);
-            put_u64(&out, seq);
-            store_append(&store, executor_last_task_id(ex), &doc, out.len);
-            /* bit 0: failed; bit 1 (set by store_flush): stored; bit 2: retried */
-            buf_append_char(&out, (char)((status == EXECUTOR_FAILED ? 1 : 0) | (status == EXECUTOR_RETRIED ? 4 : 0)));
-            buf_append(&out, &runtime, sizeof runtime);
-            put_u32(&out, (uint32_t)doc.len);
-            buf_append(&out, doc.data ? doc.data : "", doc.len);
-            buf_append(&out, summary.data ? summary.data : "", summary.len);
-            if (runtime > LONG_TASK_S || out.len > (1 << 20) || retire) {
-                store_flush(&store, &out);
-                if (write_all(fd, out.data, out.len) < 0)
-                    goto done;
-                buf_reset(&out);
-            }
-            if (retire)
+            if (stop)
                 goto done;
         }
         buf_consume(&in, off);
         if (in.len == 0 && in.cap > BIG_BUFFER)
             buf_free(&in);
-        if (out.len) {
-            store_flush(&store, &out);
-            if (write_all(fd, out.data, out.len) < 0)
-                goto done;
-            buf_reset(&out);
-        }
+        if (child_send(&env) < 0)
+            goto done;
         log_flush();
     }
 done:
     log_flush();
+    lent_wait_cancel(&env.wait);
     for (size_t i = 0; i < fifo.len; i++)
         close(fifo.fds[fifo.head + i]);
     free(fifo.fds);
-    if (store.conn)
-        redisFree(store.conn);
-    free(store.flag_at);
+    if (env.store.conn)
+        redisFree(env.store.conn);
+    free(env.store.flag_at);
     buf_free(&in);
-    buf_free(&out);
-    buf_free(&doc);
-    buf_free(&summary);
-    executor_free(ex);
+    buf_free(&env.out);
+    buf_free(&env.doc);
+    buf_free(&env.summary);
+    buf_free(&env.took);
+    executor_free(env.ex);
 }
 
 /* ------------------------------------------------------------------ main side */
@@ -440,7 +563,7 @@ static int spawn(struct pool *p, int i)
         static char name[32]; /* the log module keeps a pointer to it for the life of the process */
         snprintf(name, sizeof name, "ForkPoolWorker-%d", index);
         log_set_process(name);
-        child_loop(sv[1], &p->opt, c->slot);
+        child_loop(sv[1], &p->opt, c->slot, p->gate);
         _exit(0);
     }
     close(sv[1]);
@@ -450,7 +573,7 @@ static int spawn(struct pool *p, int i)
     c->outstanding = 0;
     c->out_sent = 0;
     c->wanted = true;
-    c->leaving = c->input_closed = false;
+    c->leaving = c->input_closed = c->lent = c->recalled = false;
     snprintf(c->name, sizeof c->name, "ForkPoolWorker-%d", index);
     buf_reset(&c->out);
     buf_reset(&c->in);
@@ -466,6 +589,7 @@ struct pool *pool_start(const struct pool_options *opt, const struct pool_handle
     p->opt = *opt;
     p->h = *h;
     p->arg = arg;
+    p->gate = lent_gate_new(); /* NULL: nothing is ever lent */
     if (pool_grow(p, opt->concurrency) < 0) {
         snprintf(err, errlen, "cannot start pool process: %s", strerror(errno));
         pool_kill(p);
@@ -494,10 +618,22 @@ int pool_grow(struct pool *p, int n)
     return 0;
 }
 
-/* Closes a leaving child's input once everything it was given has come back: it reads EOF and exits 0. */
+static void recall(struct child *c)
+{
+    if (!c->lent || c->recalled)
+        return;
+    put_u32(&c->out, 1);
+    buf_append_char(&c->out, FRAME_RECALL);
+    c->recalled = true;
+}
+
+/* Closes a leaving child's input once everything it was given has come back: it reads EOF and exits 0. A
+ * lent wait is recalled first (what it brings is settled before the child goes). */
 static void release_if_drained(struct child *c)
 {
-    if (c->leaving && !c->input_closed && c->fd >= 0 && c->outstanding == 0 && c->out.len == 0) {
+    if (c->leaving && c->lent)
+        recall(c);
+    if (c->leaving && !c->input_closed && c->fd >= 0 && !c->lent && c->outstanding == 0 && c->out.len == 0) {
         shutdown(c->fd, SHUT_WR);
         c->input_closed = true;
     }
@@ -626,6 +762,35 @@ void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit
     c->outstanding++;
 }
 
+bool pool_lend_wait(struct pool *p, int child, uint64_t seq, const char *key, const char *inbox)
+{
+    struct child *c = &p->children[child];
+    if (!p->gate || !pool_accepts(p, child) || c->lent || c->outstanding || !p->opt.redis ||
+        p->opt.redis->kind != BROKER_REDIS)
+        return false;
+    size_t klen = strlen(key), ilen = strlen(inbox);
+    put_u32(&c->out, (uint32_t)(1 + 8 + 4 + klen + ilen));
+    buf_append_char(&c->out, FRAME_WAIT);
+    put_u64(&c->out, seq);
+    put_u32(&c->out, (uint32_t)klen);
+    buf_append(&c->out, key, klen);
+    buf_append(&c->out, inbox, ilen);
+    c->lent = true;
+    c->lent_seq = seq;
+    c->recalled = false;
+    return true;
+}
+
+void pool_recall_wait(struct pool *p, int child)
+{
+    recall(&p->children[child]);
+}
+
+struct lent_gate *pool_gate(struct pool *p)
+{
+    return p->gate;
+}
+
 int pool_pollfds(struct pool *p, struct pollfd *fds, int max)
 {
     int n = 0;
@@ -649,6 +814,14 @@ static void child_gone(struct pool *p, int i)
     c->out_sent = 0;
     drop_handoffs(c);
     buf_reset(&c->in);
+    if (c->lent) { /* whatever its wait moved is still in the inbox */
+        c->lent = false;
+        uint64_t running = 0;
+        if (pool_died_running(p, i, &running) && running == c->lent_seq)
+            p->h.on_wait_took(p->arg, i, running, NULL, 0); /* died running it before it said so */
+        else
+            p->h.on_wait_end(p->arg, i, POOL_WAIT_OVER);
+    }
     p->h.on_child_exit(p->arg, i, status);
 }
 
@@ -662,6 +835,17 @@ static void parse_results(struct pool *p, int i)
             break;
         const char *f = c->in.data + off + 4;
         off += 4 + flen;
+        if (f[0] == FRAME_TOOK && flen >= 9 && c->lent) {
+            c->lent = false;
+            c->outstanding++;
+            p->h.on_wait_took(p->arg, i, get_u64(f + 1), f + 9, flen - 9);
+            continue;
+        }
+        if (f[0] == FRAME_WAIT_END && flen == 2 && c->lent) {
+            c->lent = false;
+            p->h.on_wait_end(p->arg, i, f[1]);
+            continue;
+        }
         if (flen < 1 + 8 + 1 + 8 + 4 || f[0] != FRAME_RESULT)
             continue;
         struct pool_result r;
@@ -856,6 +1040,7 @@ void pool_free(struct pool *p)
 {
     if (!p)
         return;
+    lent_gate_free(p->gate);
     for (int i = 0; i < p->cap; i++) {
         if (p->children[i].slot)
             munmap(p->children[i].slot, sizeof *p->children[i].slot);

@@ -33,11 +33,25 @@ struct pool_result {
     const char *summary; /* repr of the return value, or "ExcType('message')" */
 };
 
+enum pool_wait_end {
+    POOL_WAIT_OVER = 0,
+    POOL_WAIT_REFUSED = 1,     /* the server refused the BLMOVE (an ACL): lending is pointless */
+    POOL_WAIT_UNREACHABLE = 2, /* the child could not connect or send it */
+};
+
 struct pool_handlers {
     /* r and its strings are borrowed for the duration of the call. */
     void (*on_result)(void *arg, int child, const struct pool_result *r);
     /* A child died; every task still queued to it is the caller's to settle. status as from waitpid. */
     void (*on_child_exit)(void *arg, int child, int status);
+    /* The wait lent to child (pool_lend_wait) took raw[0..len) (borrowed for the call), which the child runs
+     * now as seq: its result comes like a submitted task's, after every task submitted before the lend. raw
+     * NULL: the child died running it before it could say what it took, which is then the inbox's oldest
+     * message (on_child_exit follows at once). */
+    void (*on_wait_took)(void *arg, int child, uint64_t seq, const char *raw, size_t len);
+    /* The wait lent to child is over without a task run (recalled, a message the child left to the main
+     * process, a lost connection, the child gone); why: enum pool_wait_end. */
+    void (*on_wait_end)(void *arg, int child, int why);
 };
 
 struct pool_options {
@@ -91,6 +105,15 @@ void pool_restart(struct pool *p);
  * transport read it there), handed over instead of a copy when raw is big; -1 when none. Borrowed. */
 void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit, const char *raw, size_t len,
                  int raw_fd);
+/* THE LENT WAIT (lentwait.h). Lends the broker's idle wait to child, which must accept work and have nothing
+ * outstanding: it sends BLMOVE key inbox RIGHT LEFT 0 (both borrowed) on its own connection to the broker's
+ * Redis (pool_options.redis). seq: what its task will be known by. false when it cannot be lent. Exactly one
+ * of on_wait_took / on_wait_end follows. */
+bool pool_lend_wait(struct pool *p, int child, uint64_t seq, const char *key, const char *inbox);
+/* Asks child to end its lent wait (on_wait_end, or on_wait_took when a message beat the request). */
+void pool_recall_wait(struct pool *p, int child);
+/* The gate the children decide by (lentwait.h), NULL if none could be mapped. Borrowed. */
+struct lent_gate *pool_gate(struct pool *p);
 int pool_pollfds(struct pool *p, struct pollfd *fds, int max);
 void pool_process(struct pool *p, const struct pollfd *fds, int n);
 void pool_flush(struct pool *p);

@@ -12,6 +12,7 @@
 #include "buf.h"
 #include "consumer_int.h"
 #include "control.h"
+#include "lentwait.h"
 #include "log.h"
 #include "pool.h"
 #include "result.h"
@@ -221,8 +222,10 @@ static json_t *cmd_hello(struct consumer *c, const json_t *args)
     const char *id;
     const json_t *v;
     double now = epoch_now();
-    json_object_foreach((json_t *)theirs, id, v)
+    json_object_foreach((json_t *)theirs, id, v) {
         revoked_add(c->revoked, id, now); /* mingle: merge what the other node knows */
+        lent_gate_revoke(pool_gate(c->pool), id);
+    }
     return json_pack("{s:o, s:I}", "revoked", revoked_map(c->revoked, now), "clock", (json_int_t)c->clock);
 }
 
@@ -335,6 +338,7 @@ static json_t *cmd_revoke(struct consumer *c, const json_t *args)
             continue;
         buf_printf(&joined, "%s%s", joined.len ? ", " : "", id);
         revoked_add(c->revoked, id, now);
+        lent_gate_revoke(pool_gate(c->pool), id);
         revoked_store_add(c, id, now);
         revoke_waiting(c, id);
         for (int k = 0; !terminate && k < pool_capacity(c->pool); k++) {

@@ -3,6 +3,7 @@ timeout, in both directions between celeriac and the stock Python worker (protoc
 
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import close_client, make_client
 from servers import RedisServer
-from util import (TIMEOUT, broker_snapshot, queue_messages, result_doc, task_envelope, unacked,
+from util import (TIMEOUT, broker_snapshot, exc_name_of, queue_messages, result_doc, task_envelope, unacked,
                   wait_unacked_older_than, wait_until)
 
 
@@ -229,6 +230,10 @@ def fd_links(pid):
     return links
 
 
+def pool_children(w):
+    return [int(p) for p in open(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read().split()]
+
+
 def inbox_keys(broker):
     return sorted(k.decode() for k in broker.scan_iter("celeriac.inbox.*"))
 
@@ -307,8 +312,12 @@ def test_a_big_message_taken_by_the_idle_wait_is_recorded_in_kombus_format(app, 
     of the record script: the record must be byte for byte what kombu (and the script) would write."""
     w = workers.start("-c", "1", "--acks-late")
     assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
-    [child] = [int(p) for p in open(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read().split()]
-    os.kill(child, signal.SIGSTOP)  # the task cannot finish, so its record stays while we look
+    # The only pool process busy (so the main process waits itself) and then stopped: the big task cannot
+    # start, so its record stays while we look.
+    busy = app.send_task("native.sleep_ms", args=[200])
+    wait_until(lambda: broker.llen("celery") == 0 and broker.hlen("unacked") == 1, what="the sleep taken")
+    [child] = pool_children(w)
+    os.kill(child, signal.SIGSTOP)
     try:
         ltrims = broker.info("commandstats").get("cmdstat_ltrim", {}).get("calls", 0)
         big = "x" * (3 << 20)
@@ -325,6 +334,7 @@ def test_a_big_message_taken_by_the_idle_wait_is_recorded_in_kombus_format(app, 
         assert inbox_keys(broker) == [] or all(broker.llen(k) == 0 for k in inbox_keys(broker))
     finally:
         os.kill(child, signal.SIGCONT)
+    assert busy.get(timeout=TIMEOUT) == 200
     doc = app.AsyncResult(env["headers"]["id"]).get(timeout=TIMEOUT)
     assert doc == {"args": [big], "kwargs": {}}
     wait_drained(broker)
@@ -349,3 +359,64 @@ def test_an_early_acked_message_from_the_idle_wait_only_leaves_the_inbox(app, wo
     assert calls("hset") <= hsets + 1  # at most the inbox lease's renewal; no unacked record
     wait_drained(broker)
     assert [broker.llen(k) for k in inbox_keys(broker)] in ([], [0])
+
+
+# -- the idle wait lent to a pool process (worker/lentwait.h) ---------------------------------------------
+
+@_inbox_only
+def test_the_idle_wait_is_lent_to_a_pool_process(app, workers, broker):
+    """An idle worker's pool process waits for the next message itself and runs it at once; the main process
+    does the bookkeeping (ack, events, logs) when it hears of it. What a process may not decide alone (an ETA)
+    it leaves to the main process."""
+    w = workers.start("-c", "2", "-l", "debug")
+    for i in range(4):
+        assert app.send_task("native.add", args=[i, 1]).get(timeout=TIMEOUT) == i + 1
+        time.sleep(0.1)
+    assert len(re.findall(r"native\.add\[[^]]+\] taken by pool process \d+, which waited for it", w.log())) >= 3
+    later = app.send_task("native.add", args=[5, 5], countdown=0.5)
+    assert later.get(timeout=TIMEOUT) == 10
+    assert f"native.add[{later.id}] taken by pool process" not in w.log()
+    wait_drained(broker)
+    assert [broker.llen(k) for k in inbox_keys(broker)] in ([], [0])
+    assert w.stop(signal.SIGTERM, TIMEOUT) == 0
+    assert broker.hlen(INBOXES) == 0 and inbox_keys(broker) == []
+
+
+@_inbox_only
+def test_a_pool_process_killed_while_it_waits_loses_nothing(app, workers, broker):
+    w = workers.start("-c", "1")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    time.sleep(0.2)  # its pool process waits in BLMOVE now
+    [child] = pool_children(w)
+    os.kill(child, signal.SIGKILL)
+    wait_until(lambda: pool_children(w) and pool_children(w) != [child], what="the pool process replaced")
+    r = app.send_task("native.incr", args=["after-child-kill"])
+    assert r.get(timeout=TIMEOUT) == 1
+    assert [app.send_task("native.add", args=[i, i]).get(timeout=TIMEOUT) for i in range(3)] == [0, 2, 4]
+    wait_drained(broker)
+    assert broker.get("after-child-kill") == b"1"
+
+
+@_inbox_only
+def test_a_waiting_pool_process_is_recalled_for_work(app, workers, broker):
+    """The main process takes its wait back when it has work for the only process (here: a priority message,
+    found through the key invalidations, while the process waits on the base list)."""
+    workers.start("-c", "1")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    time.sleep(0.2)
+    rs = [app.send_task("native.add", args=[i, 1], priority=9) for i in range(3)]
+    assert [r.get(timeout=TIMEOUT) for r in rs] == [1, 2, 3]
+    assert app.send_task("native.add", args=[9, 1]).get(timeout=TIMEOUT) == 10
+    wait_drained(broker)
+
+
+@_inbox_only
+def test_a_task_that_kills_the_process_which_waited_for_it_runs_once(app, workers):
+    w = workers.start("-c", "1", "--enable-test-tasks")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    time.sleep(0.2)
+    crashed = app.send_task("native.crash", args=["segfault"])
+    name, _ = exc_name_of(crashed)
+    assert name == "WorkerLostError"
+    assert app.send_task("native.add", args=[1, 1]).get(timeout=TIMEOUT) == 2
+    assert w.log().count(f"native.crash[{crashed.id}] received") == 1
