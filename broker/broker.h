@@ -19,7 +19,10 @@
  *    done with it; until then it is in the inbox, never only in our memory. The inbox
  *    is registered in `celeriac.inboxes` with its queue and a lease the worker renews: a worker puts its own
  *    inbox back on the queue when it connects, reconnects, cancels the wait or stops, and any worker puts
- *    back an inbox whose lease ran out (its owner was killed between the BLMOVE and the record);
+ *    back an inbox whose lease ran out (its owner was killed between the BLMOVE and the record). The BLMOVE
+ *    may be lent (broker_handlers.lend_wait) to a pool process, which sends it on its own connection and runs
+ *    what it takes at once; broker_wait_took / broker_wait_ended bring the outcome back, and the message is
+ *    settled from the inbox exactly as the broker's own BLMOVE reply would be;
  *  - acks are coalesced into one ZREM and one HDEL per pass;
  *  - requeue (warm shutdown) and the visibility-timeout restore put messages back with `redelivered` set,
  *    only if their unacked record still exists, so a message is never restored twice.

@@ -8,7 +8,7 @@
  * its input runs dry or a task took long, so short tasks are batched and long ones are not delayed.
  * Children are forked before any connection is opened by the main process and open their own lazily (Redis
  * for native.incr, and the result backend, where they store results themselves when they can), so no
- * connection ever crosses a fork. */
+ * connection ever crosses a fork. An idle child may also be lent the broker's idle wait (lentwait.h). */
 #ifndef CELERIAC_POOL_H
 #define CELERIAC_POOL_H
 
