@@ -274,6 +274,11 @@ struct redis_broker {
     bool block_out;          /* a BLMOVE is waiting (counted as one message in fetch_requested) */
     bool lent;               /* the BLMOVE was lent instead (handlers.lend_wait): the same, on another's connection */
     bool lent_recalled;      /* ... and asked back: when it ends, the inbox goes back to the queue */
+    /* Commands on the main connection that take a message out of the inbox (pending_resolve), not yet
+     * answered. The inbox is read after a lent wait ends (LINDEX of its oldest, on the blocking connection) only
+     * once they are done: the borrower may have waited again since, so the oldest must be gone by then. */
+    int inbox_ops;
+    bool inbox_read_due;
     int block_queue;         /* the queue it waits on */
     /* The message the last BLMOVE took, until it is settled or the pass ends (see on_block_reply). */
     char *pending_tag;       /* owned; NULL: none */
@@ -535,6 +540,18 @@ static bool message_tag(const char *m, size_t len, char *out, size_t outlen)
     return true;
 }
 
+static void inbox_read(struct redis_broker *b);
+
+static void on_inbox_op(struct rconn *c, redisReply *r, void *arg, bool *steal)
+{
+    (void)c;
+    (void)r;
+    (void)steal;
+    struct redis_broker *b = arg;
+    if (--b->inbox_ops == 0 && b->inbox_read_due)
+        inbox_read(b);
+}
+
 /* The record of a big message, as the record script would write it, in one MULTI: the record and its index
  * entry, and the message out of the inbox (LTRIM drops the oldest without sending 60 MB back). */
 static void record_from_client(struct redis_broker *b, const char *m, size_t len, const char *tag, const char *score)
@@ -560,17 +577,16 @@ static void record_from_client(struct redis_broker *b, const char *m, size_t len
     rconn_command_resp(&b->main, NULL, NULL, 4, argv, lens);
     rconn_command(&b->main, NULL, NULL, "ZADD unacked_index %s %s", score, tag);
     rconn_command(&b->main, NULL, NULL, "LTRIM %s 0 -2", b->inbox);
-    rconn_command(&b->main, NULL, NULL, "EXEC");
+    rconn_command(&b->main, on_inbox_op, b, "EXEC");
     free(rec);
 }
 
 static void on_recorded(struct rconn *c, redisReply *r, void *arg, bool *steal)
 {
-    (void)steal;
-    (void)arg;
     if (r && r->type == REDIS_REPLY_INTEGER && r->integer == 0)
         rconn_log(c, BROKER_LOG_ERROR, "inbox empty when recording a message: another worker swept it (this one "
                                        "stalled past its lease); the message may run twice");
+    on_inbox_op(c, r, arg, steal);
 }
 
 /* Settles the message the last BLMOVE took. It waits in our inbox, as safe there as in `unacked` (the lease),
@@ -583,8 +599,9 @@ static void pending_resolve(struct redis_broker *b, bool acked)
 {
     if (!b->pending_tag)
         return;
+    b->inbox_ops++; /* answered by on_inbox_op, or on_recorded */
     if (acked) {
-        rconn_command(&b->main, NULL, NULL, "LTRIM %s 0 -2", b->inbox);
+        rconn_command(&b->main, on_inbox_op, b, "LTRIM %s 0 -2", b->inbox);
     } else {
         char score[32];
         snprintf(score, sizeof score, "%.6f", rconn_epoch());
@@ -598,7 +615,7 @@ static void pending_resolve(struct redis_broker *b, bool acked)
             size_t lens[9];
             for (size_t i = 0; i < 9; i++)
                 lens[i] = strlen(argv[i]);
-            rconn_command_argv(&b->main, on_recorded, NULL, 9, argv, lens);
+            rconn_command_argv(&b->main, on_recorded, b, 9, argv, lens);
         }
     }
     free(b->pending_tag);
@@ -666,13 +683,15 @@ static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
 
 static bool block_open(struct redis_broker *b);
 
-static void redis_wait_took(struct broker *base, const char *raw, size_t len)
+static void redis_wait_took(struct broker *base, const char *raw, size_t len, bool lend_over)
 {
     struct redis_broker *b = (struct redis_broker *)base;
     if (!b->lent)
         return;
-    b->lent = false;
-    b->fetch_requested--;
+    if (lend_over) {
+        b->lent = false;
+        b->fetch_requested--;
+    }
     if (!raw) {
         /* Its borrower died running it before saying what it was: the inbox's oldest, read now, on the
          * blocking connection (idle while the wait was lent: no other reply can come first). */
@@ -712,9 +731,24 @@ static void redis_wait_ended(struct broker *base)
         inbox_return(b, false);
         return;
     }
-    rconn_command(&b->block, on_block_reply, b, "LINDEX %s -1", b->inbox);
-    b->block_out = true;
+    pending_resolve(b, false); /* never left for the end of the pass: the read waits for it */
+    b->inbox_read_due = true;
+    b->block_out = true; /* counted from now: nothing else may wait on the blocking connection meanwhile */
     b->fetch_requested++;
+    if (b->inbox_ops == 0)
+        inbox_read(b);
+}
+
+static void inbox_read(struct redis_broker *b)
+{
+    b->inbox_read_due = false;
+    if (!rconn_connected(&b->main) || !rconn_connected(&b->block)) {
+        b->block_out = false;
+        b->fetch_requested--;
+        inbox_return(b, false);
+        return;
+    }
+    rconn_command(&b->block, on_block_reply, b, "LINDEX %s -1", b->inbox);
 }
 
 static bool block_open(struct redis_broker *b)

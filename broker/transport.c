@@ -72,10 +72,10 @@ int broker_fetch_blocked(const struct broker *b)
     return b->ops->fetch_blocked ? b->ops->fetch_blocked(b) : 0;
 }
 
-void broker_wait_took(struct broker *b, const char *raw, size_t len)
+void broker_wait_took(struct broker *b, const char *raw, size_t len, bool lend_over)
 {
     if (b->ops->wait_took)
-        b->ops->wait_took(b, raw, len);
+        b->ops->wait_took(b, raw, len, lend_over);
 }
 
 void broker_wait_ended(struct broker *b)

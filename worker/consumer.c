@@ -1135,10 +1135,10 @@ static bool lend_wait(void *arg, const char *key, const char *inbox)
     for (int i = 0; i < pool_capacity(c->pool); i++) {
         if (!pool_accepts(c->pool, i) || c->children[i].jobs.len)
             continue;
-        uint64_t seq = ++c->next_seq;
+        uint64_t seq = c->next_seq + 1;
         if (pool_lend_wait(c->pool, i, seq, key, inbox)) {
+            c->next_seq += POOL_LEND_SEQS; /* the seqs of the tasks the lend brings */
             c->lent_child = i;
-            c->lent_seq = seq;
             return true;
         }
     }
@@ -1152,13 +1152,14 @@ static void recall_wait(void *arg)
         pool_recall_wait(c->pool, c->lent_child);
 }
 
-static void on_wait_took(void *arg, int child, uint64_t seq, const char *raw, size_t len)
+static void on_wait_took(void *arg, int child, uint64_t seq, const char *raw, size_t len, bool lend_over)
 {
     struct consumer *c = arg;
-    c->lent_child = -1;
+    if (lend_over)
+        c->lent_child = -1;
     c->took_child = child;
     c->took_seq = seq;
-    broker_wait_took(c->broker, raw, len);
+    broker_wait_took(c->broker, raw, len, lend_over);
     c->took_child = -1;
 }
 

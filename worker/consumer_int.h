@@ -131,10 +131,10 @@ struct consumer {
     int prefetch;
     int stores_in_flight;
     uint64_t next_seq;
-    /* The broker's idle wait lent to a pool process (lentwait.h): which one (-1: none) and the seq its task gets;
-     * took_child, during on_deliver only: the delivery is the one that child took and is running already. */
+    /* The broker's idle wait lent to a pool process (lentwait.h): which one (-1: none); took_child and took_seq,
+     * during on_deliver only: the delivery is the one that child took and is running already, as took_seq. */
     int lent_child, took_child;
-    uint64_t lent_seq, took_seq;
+    uint64_t took_seq;
     double lend_after;     /* epoch seconds: no lending before (after a child could not wait) */
     unsigned long processed;
     bool stopping;         /* warm shutdown under way */

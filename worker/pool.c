@@ -36,7 +36,8 @@ enum {
  * RESULT payload:  u64 seq | u8 flags (1 failed, 2 stored, 4 retried) | f64 runtime | u32 doc length | doc | summary (rest)
  * WAIT payload:    u64 seq (for the task the wait may bring) | u32 key length | queue key | inbox (rest)
  * RECALL:          no payload: end the wait now, if it is still on
- * TOOK payload:    u64 seq | raw message: taken by the wait and running now (its RESULT follows)
+ * TOOK payload:    u64 seq | u8 1 when the wait goes on after it, 0 when the lend ends with it | raw message:
+ *                  taken by the wait and running now (its RESULT follows)
  * WAIT_END payload: u8 enum pool_wait_end: the wait is over, nothing was run */
 #define FRAME_HEADER 5
 /* Messages this large go to the child in a memfd it maps, instead of through the socket: a 60 MB message
@@ -66,7 +67,7 @@ struct child {
     bool leaving;           /* takes no new work; its input is closed once it has nothing outstanding */
     bool input_closed;
     bool lent;              /* the broker's wait is lent to it (pool_lend_wait) and has not come back */
-    uint64_t lent_seq;
+    uint64_t lent_next;     /* the seq the next task its wait brings will have */
     bool recalled;          /* ... and a RECALL is on its way */
 };
 
@@ -321,18 +322,21 @@ struct child_env {
     struct buf out, doc, summary;
     long done;
     struct lent_wait wait;
-    uint64_t wait_seq;
+    char *wait_key, *wait_inbox; /* owned: what the lent wait moves from and to, kept for the next BLMOVE */
+    uint64_t wait_seq;           /* the seq of the next task it brings */
+    uint64_t wait_seqs_left;     /* of the block the main process reserved for this lend (POOL_LEND_SEQS) */
     struct lent_notice notice;
     struct buf took; /* the TOOK frame of the lent task running now */
+    bool took_announced; /* its watchdog sent it while the task ran (a long task: the lend ends with it) */
 };
 
 static int child_send(struct child_env *env);
 
 /* Runs one task and appends its RESULT frame to env->out, sent at once after a long task. took: a lent
- * task's TOOK frame, which goes first unless its watchdog sent it already (NULL otherwise). Returns true when
- * the child should retire now (or its socket broke). */
+ * task's TOOK frame, which goes first (marked: the wait goes on) unless its watchdog sent it already (then
+ * took_announced); NULL otherwise. Returns true when the child should retire now (or its socket broke). */
 static bool run_task(struct child_env *env, uint64_t seq, double soft_time_limit, const char *message,
-                     size_t message_len, const struct buf *took)
+                     size_t message_len, struct buf *took)
 {
     buf_reset(&env->doc);
     buf_reset(&env->summary);
@@ -345,8 +349,11 @@ static bool run_task(struct child_env *env, uint64_t seq, double soft_time_limit
     __atomic_store_n(&env->slot->seq, 0, __ATOMIC_RELEASE);
     bool retire = should_retire(env->opt, ++env->done);
     struct buf *out = &env->out;
-    if (took && !lent_notice_disarm(&env->notice))
+    env->took_announced = took && lent_notice_disarm(&env->notice);
+    if (took && !env->took_announced) {
+        took->data[4 + 1 + 8] = 1;
         buf_append(out, took->data, took->len);
+    }
     put_u32(out, (uint32_t)(1 + 8 + 1 + 8 + 4 + env->doc.len + env->summary.len));
     buf_append_char(out, FRAME_RESULT);
     put_u64(out, seq);
@@ -388,18 +395,21 @@ static void wait_begin(struct child_env *env, const char *p, size_t len)
         wait_end(env, POOL_WAIT_UNREACHABLE);
         return;
     }
-    char *key = strndup(p + 12, klen), *inbox = strndup(p + 12 + klen, len - 12 - klen);
-    if (!key || !inbox)
+    free(env->wait_key);
+    free(env->wait_inbox);
+    env->wait_key = strndup(p + 12, klen);
+    env->wait_inbox = strndup(p + 12 + klen, len - 12 - klen);
+    if (!env->wait_key || !env->wait_inbox)
         abort();
     env->wait_seq = get_u64(p);
-    if (lent_wait_start(&env->wait, env->opt->redis, key, inbox) < 0)
+    env->wait_seqs_left = POOL_LEND_SEQS;
+    if (lent_wait_start(&env->wait, env->opt->redis, env->wait_key, env->wait_inbox) < 0)
         wait_end(env, POOL_WAIT_UNREACHABLE);
-    free(key);
-    free(inbox);
 }
 
-/* The wait's reply is readable: run the message (TOOK first, so the main process knows before the result),
- * or leave it in the inbox for the main process. Returns true when the child should retire now. */
+/* The wait's reply is readable: run the message and wait again at once (the lend lasts until recalled, so a
+ * message arriving right after is not left to the main process's slower path), or leave it in the inbox for
+ * the main process and end the lend. Returns true when the child should retire now. */
 static bool wait_answered(struct child_env *env)
 {
     char *raw;
@@ -413,9 +423,10 @@ static bool wait_answered(struct child_env *env)
     }
     struct buf *took = &env->took;
     buf_reset(took);
-    put_u32(took, (uint32_t)(1 + 8 + len));
+    put_u32(took, (uint32_t)(1 + 8 + 1 + len));
     buf_append_char(took, FRAME_TOOK);
     put_u64(took, env->wait_seq);
+    buf_append_char(took, 0); /* as sent before the task ends: the lend ends with it */
     buf_append(took, raw, len);
     bool deferred = lent_notice_arm(&env->notice, env->fd, took->data, took->len, TOOK_AFTER_S) == 0;
     if (!deferred)
@@ -423,7 +434,19 @@ static bool wait_answered(struct child_env *env)
     bool stop = child_send(env) < 0 || run_task(env, env->wait_seq, def->soft_time_limit > 0 ? def->soft_time_limit : 0,
                                                 raw, len, deferred ? took : NULL);
     free(raw);
-    return stop || child_send(env) < 0;
+    env->wait_seq++;
+    if (stop || child_send(env) < 0)
+        return true;
+    /* A short task: waiting again at once (its TOOK said so), so the next message does not take the main
+     * process's slower path. A long one was announced while it ran, ending the lend: meanwhile the main
+     * process waited, or lent the wait to another process. */
+    if (!deferred || env->took_announced)
+        return false;
+    if (--env->wait_seqs_left == 0)
+        wait_end(env, POOL_WAIT_OVER); /* the main process lends again, with a fresh block */
+    else if (lent_wait_start(&env->wait, env->opt->redis, env->wait_key, env->wait_inbox) < 0)
+        wait_end(env, POOL_WAIT_UNREACHABLE);
+    return child_send(env) < 0;
 }
 
 static void child_loop(int fd, const struct pool_options *opt, struct pool_slot *slot, const struct lent_gate *gate)
@@ -517,6 +540,8 @@ done:
     buf_free(&env.doc);
     buf_free(&env.summary);
     buf_free(&env.took);
+    free(env.wait_key);
+    free(env.wait_inbox);
     executor_free(env.ex);
 }
 
@@ -776,7 +801,7 @@ bool pool_lend_wait(struct pool *p, int child, uint64_t seq, const char *key, co
     buf_append(&c->out, key, klen);
     buf_append(&c->out, inbox, ilen);
     c->lent = true;
-    c->lent_seq = seq;
+    c->lent_next = seq;
     c->recalled = false;
     return true;
 }
@@ -817,8 +842,8 @@ static void child_gone(struct pool *p, int i)
     if (c->lent) { /* whatever its wait moved is still in the inbox */
         c->lent = false;
         uint64_t running = 0;
-        if (pool_died_running(p, i, &running) && running == c->lent_seq)
-            p->h.on_wait_took(p->arg, i, running, NULL, 0); /* died running it before it said so */
+        if (pool_died_running(p, i, &running) && running == c->lent_next)
+            p->h.on_wait_took(p->arg, i, running, NULL, 0, true); /* died running it before it said so */
         else
             p->h.on_wait_end(p->arg, i, POOL_WAIT_OVER);
     }
@@ -835,10 +860,11 @@ static void parse_results(struct pool *p, int i)
             break;
         const char *f = c->in.data + off + 4;
         off += 4 + flen;
-        if (f[0] == FRAME_TOOK && flen >= 9 && c->lent) {
-            c->lent = false;
+        if (f[0] == FRAME_TOOK && flen >= 10 && c->lent) {
             c->outstanding++;
-            p->h.on_wait_took(p->arg, i, get_u64(f + 1), f + 9, flen - 9);
+            c->lent_next = get_u64(f + 1) + 1;
+            c->lent = f[9] == 1;
+            p->h.on_wait_took(p->arg, i, get_u64(f + 1), f + 10, flen - 10, !c->lent);
             continue;
         }
         if (f[0] == FRAME_WAIT_END && flen == 2 && c->lent) {

@@ -45,10 +45,11 @@ struct pool_handlers {
     /* A child died; every task still queued to it is the caller's to settle. status as from waitpid. */
     void (*on_child_exit)(void *arg, int child, int status);
     /* The wait lent to child (pool_lend_wait) took raw[0..len) (borrowed for the call), which the child runs
-     * now as seq: its result comes like a submitted task's, after every task submitted before the lend. raw
-     * NULL: the child died running it before it could say what it took, which is then the inbox's oldest
-     * message (on_child_exit follows at once). */
-    void (*on_wait_took)(void *arg, int child, uint64_t seq, const char *raw, size_t len);
+     * (or ran) as seq: its result comes like a submitted task's, before those submitted to the child since the
+     * lend (only after a recall) and after the previous one it took. lend_over: the child does not wait again
+     * (a long task; no on_wait_end follows). raw NULL: the child died running it before it could say what it
+     * took, which is then the inbox's oldest message (lend_over; on_child_exit follows at once). */
+    void (*on_wait_took)(void *arg, int child, uint64_t seq, const char *raw, size_t len, bool lend_over);
     /* The wait lent to child is over without a task run (recalled, a message the child left to the main
      * process, a lost connection, the child gone); why: enum pool_wait_end. */
     void (*on_wait_end)(void *arg, int child, int why);
@@ -107,10 +108,12 @@ void pool_submit(struct pool *p, int child, uint64_t seq, double soft_time_limit
                  int raw_fd);
 /* THE LENT WAIT (lentwait.h). Lends the broker's idle wait to child, which must accept work and have nothing
  * outstanding: it sends BLMOVE key inbox RIGHT LEFT 0 (both borrowed) on its own connection to the broker's
- * Redis (pool_options.redis). seq: what its task will be known by. false when it cannot be lent. Exactly one
- * of on_wait_took / on_wait_end follows. */
+ * Redis (pool_options.redis), runs what it takes and waits again, until recalled or a task runs long. The tasks it brings are
+ * known by seq, seq + 1, ...: the caller reserves POOL_LEND_SEQS of them. false when it cannot be lent.
+ * on_wait_took follows for each task, on_wait_end once the lend is over. */
+#define POOL_LEND_SEQS 1000000u
 bool pool_lend_wait(struct pool *p, int child, uint64_t seq, const char *key, const char *inbox);
-/* Asks child to end its lent wait (on_wait_end, or on_wait_took when a message beat the request). */
+/* Asks child to end its lent wait: on_wait_end follows (after on_wait_took, when a message beat the request). */
 void pool_recall_wait(struct pool *p, int child);
 /* The gate the children decide by (lentwait.h), NULL if none could be mapped. Borrowed. */
 struct lent_gate *pool_gate(struct pool *p);
