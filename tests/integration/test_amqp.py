@@ -5,6 +5,7 @@ One RabbitMQ node serves the whole module (it takes seconds to start); every tes
 what one test leaves in the broker never reaches another. The module is skipped, with the reason, only when
 RabbitMQ cannot start on this machine."""
 
+import json
 import os
 import re
 import signal
@@ -139,6 +140,39 @@ def test_eta_tasks_wait_and_do_not_block_the_queue(amqp_app, workers, rabbit, qu
     assert time.time() - t0 < 2, "ETA tasks held the queue (prefetch window not raised)"
     assert [r.get(timeout=TIMEOUT) for r in later] == list(range(6))
     assert time.time() - t0 >= 2
+
+
+def _ctl_rows(rabbit, what, *items):
+    return json.loads(rabbit.ctl(what, *items, "--formatter", "json").stdout)
+
+
+def test_prefetch_is_the_consumers_own_until_the_window_moves(amqp_app, workers, rabbit, queue):
+    """One queue consumed and the window where it started: the limit sits on the one consumer (the same bound,
+    which RabbitMQ keeps more cheaply than a channel-wide one). An ETA task moves the window: from then on it is
+    the channel's, as Celery sets it, with no per-consumer limit left behind, and RabbitMQ never has more unacked
+    than prefetch + the ETA task held."""
+    start(workers, rabbit, queue, "--prefetch-multiplier", "2")  # -c 2: a window of 4
+
+    def consumer_limits():
+        return [c["prefetch_count"] for c in _ctl_rows(rabbit, "list_consumers", "queue_name", "prefetch_count")
+                if c["queue_name"] == queue]
+
+    def unacked():
+        rows = _ctl_rows(rabbit, "list_queues", "name", "messages_unacknowledged")
+        return [q["messages_unacknowledged"] for q in rows if q["name"] == queue][0]
+
+    assert amqp_app.tasks["native.add"].delay(1, 2).get(timeout=TIMEOUT) == 3
+    assert consumer_limits() == [4]
+    later = amqp_app.tasks["native.add"].apply_async((2, 2), countdown=5)
+    wait_until(lambda: consumer_limits() == [0], what="the consumer made again under the channel's window")
+    assert 5 in [c["global_prefetch_count"] for c in _ctl_rows(rabbit, "list_channels", "global_prefetch_count")]
+    slow = [amqp_app.tasks["native.sleep_ms"].delay(100) for _ in range(24)]
+    seen = []
+    while not all(r.ready() for r in slow):
+        seen.append(unacked())
+        time.sleep(0.05)
+    assert seen and max(seen) <= 5, seen
+    assert later.get(timeout=TIMEOUT) == 4
 
 
 def test_eta_cap_returns_the_latest_without_spinning(amqp_app, workers, rabbit, queue):
