@@ -251,8 +251,12 @@ def test_inspect_and_control(amqp_app, workers, rabbit, queue):
     reply = amqp_app.control.add_consumer(other, destination=[node], reply=True, timeout=3)
     assert reply == [{node: {"ok": f"add consumer {other}"}}]
     assert amqp_app.tasks["native.add"].apply_async((5, 5), queue=other).get(timeout=TIMEOUT) == 10
+    # The second queue moved the window from the first queue's consumer to the channel: that consumer was
+    # cancelled and made again, and still takes work.
+    assert amqp_app.tasks["native.add"].delay(6, 6).get(timeout=TIMEOUT) == 12
     amqp_app.control.cancel_consumer(other, destination=[node], reply=True, timeout=3)
     assert [q["name"] for q in insp.active_queues()[node]] == [queue]
+    assert amqp_app.tasks["native.add"].delay(7, 7).get(timeout=TIMEOUT) == 14
     assert amqp_app.control.rate_limit("native.add", "100/s", destination=[node], reply=True, timeout=3)
 
 
