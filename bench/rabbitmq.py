@@ -9,6 +9,10 @@ Sections (bench/README.md, "AMQP mode", explains the method):
 
 A private RabbitMQ node and a private redis-server (results), both on free loopback ports. The two workers
 run one after the other with the same -c and --prefetch-multiplier and the same log level, taking turns.
+The node runs with the package's own Erlang flags (Debian's rabbitmq-server already passes +sbwt none
++sbwtdcpu none +sbwtdio none: its schedulers do not busy-wait); the first line of the output shows the
+scheduler flags it runs with. Each drain line also shows the node's CPU per task over that drain (user +
+system of its Erlang VM, from /proc), the same measure for both workers.
 This is a measurement, not a test: it exits 0 whether or not the target is met (1 when it could not measure).
 """
 import argparse
@@ -121,6 +125,16 @@ def node_cpu(rb):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def node_sched_flags(rb):
+    """The Erlang VM's scheduler flags (-S..., -sbwt...), as the node was started with them."""
+    with open(os.path.join(rb.tmpdir, "rabbit.pid")) as f:
+        pid = int(f.read().strip())
+    with open(f"/proc/{pid}/cmdline") as f:
+        args = f.read().split("\0")
+    flags = [f"{a} {b}" for a, b in zip(args, args[1:]) if a in ("-S", "-sbt", "-stbt") or a.startswith("-sbwt")]
+    return " ".join(flags) or "(Erlang defaults)"
+
+
 def settle(rb, timeout=20.0):
     """Waits until the node is idle (under 5% of a core over 0.2 s, twice in a row): the queue depth counts a
     persistent message before the node has finished writing it to disk, and that work would otherwise land in
@@ -150,15 +164,16 @@ def drain_once(kind, rb, rs, br, tmpl, n, opts):
             if not w.running() or time.monotonic() > deadline:
                 raise RuntimeError(f"{kind} did not start consuming:\n{w.log_tail()}")
             time.sleep(0.0005)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), node_cpu(rb)
         while results.dbsize() < n:
             if not w.running() or time.monotonic() > deadline:
                 raise RuntimeError(f"{kind}: {results.dbsize()}/{n} results:\n{w.log_tail()}")
             time.sleep(0.002)
         took = time.monotonic() - t0
+        cpu = node_cpu(rb) - cpu0
         sample = results.mget([f"celery-task-meta-{i}" for i in ids[:: max(1, n // 50)]])
         assert all(json.loads(d)["status"] == "SUCCESS" for d in sample), "a result is not SUCCESS"
-        return n / took
+        return n / took, cpu / n * 1e6
     finally:
         stop(w)
 
@@ -221,19 +236,21 @@ def main():
     if not have_celeriac:
         log(f"note: no celeriac binary at {celeriac_binary()}: measuring the stock worker only")
     rb, rs = RabbitServer(), RedisServer()
-    out = {k: {"drain": [], "lat": None} for k in kinds}
+    out = {k: {"drain": [], "broker_us": [], "lat": None} for k in kinds}
     try:
         rb.start()
         rs.start()
         br = Broker(rb)
         tmpl = Template(rs)
         log(f"AMQP mode: RabbitMQ node on 127.0.0.1:{rb.port}, results in redis 127.0.0.1:{rs.port}/1; "
-            f"-c {opts.concurrency} --prefetch-multiplier {opts.prefetch_multiplier} -l warning")
+            f"-c {opts.concurrency} --prefetch-multiplier {opts.prefetch_multiplier} -l warning; "
+            f"node scheduler flags: {node_sched_flags(rb)}")
         for i in range(repeat):
             for k in kinds:
-                rate = drain_once(k, rb, rs, br, tmpl, n_c if k == "celeriac" else n_s, opts)
+                rate, broker_us = drain_once(k, rb, rs, br, tmpl, n_c if k == "celeriac" else n_s, opts)
                 out[k]["drain"].append(rate)
-                log(f"  (a) drain run {i + 1} {k:8s}: {rate:10.0f} tasks/s")
+                out[k]["broker_us"].append(broker_us)
+                log(f"  (a) drain run {i + 1} {k:8s}: {rate:10.0f} tasks/s   RabbitMQ CPU {broker_us:6.1f} us/task")
         for k in kinds:
             out[k]["lat"] = latency(k, rb, rs, br, tmpl, n_lat, opts)
             log(f"  (b) latency {k:8s}: p50 {out[k]['lat'][0]:.2f} ms  p99 {out[k]['lat'][1]:.2f} ms")
@@ -251,6 +268,8 @@ def main():
         c = statistics.median(out["celeriac"]["drain"])
         ok = "ok" if c / s >= TARGET else "MISSED"
         log(f"{'(a) drain, tasks/s (median)':30s} {s:12.0f} {c:12.0f} {c / s:7.1f}x  >= {TARGET:.0f}x {ok}")
+        sb, cb = (statistics.median(out[k]["broker_us"]) for k in ("stock", "celeriac"))
+        log(f"{'    RabbitMQ CPU, us/task':30s} {sb:12.1f} {cb:12.1f}")
         for j, name in enumerate(("p50", "p99")):
             sv, cv = out["stock"]["lat"][j], out["celeriac"]["lat"][j]
             log(f"{'(b) latency idle ' + name + ', ms':30s} {sv:12.2f} {cv:12.2f} {sv / cv:7.1f}x faster")

@@ -5,6 +5,7 @@ One RabbitMQ node serves the whole module (it takes seconds to start); every tes
 what one test leaves in the broker never reaches another. The module is skipped, with the reason, only when
 RabbitMQ cannot start on this machine."""
 
+import json
 import os
 import re
 import signal
@@ -141,6 +142,41 @@ def test_eta_tasks_wait_and_do_not_block_the_queue(amqp_app, workers, rabbit, qu
     assert time.time() - t0 >= 2
 
 
+def _ctl_rows(rabbit, what, *items):
+    return json.loads(rabbit.ctl(what, *items, "--formatter", "json").stdout)
+
+
+def test_prefetch_is_the_consumers_own_until_the_window_moves(amqp_app, workers, rabbit, queue):
+    """One queue consumed and the window where it started: the limit sits on the one consumer (the same bound,
+    which RabbitMQ keeps more cheaply than a channel-wide one). An ETA task moves the window: from then on it is
+    the channel's, as Celery sets it, with no per-consumer limit left behind, and RabbitMQ never has more unacked
+    than prefetch + the ETA task held."""
+    start(workers, rabbit, queue, "--prefetch-multiplier", "2")  # -c 2: a window of 4
+
+    def consumer_limits():
+        return [c["prefetch_count"] for c in _ctl_rows(rabbit, "list_consumers", "queue_name", "prefetch_count")
+                if c["queue_name"] == queue]
+
+    def unacked():
+        rows = _ctl_rows(rabbit, "list_queues", "name", "messages_unacknowledged")
+        return [q["messages_unacknowledged"] for q in rows if q["name"] == queue][0]
+
+    assert amqp_app.tasks["native.add"].delay(1, 2).get(timeout=TIMEOUT) == 3
+    assert consumer_limits() == [4]
+    # Held for the whole test (each rabbitmqctl call takes seconds on a loaded machine); never run: the worker
+    # stops first and RabbitMQ puts it back on this test's own queue.
+    later = amqp_app.tasks["native.add"].apply_async((2, 2), countdown=120)
+    wait_until(lambda: consumer_limits() == [0], what="the consumer made again under the channel's window")
+    assert 5 in [c["global_prefetch_count"] for c in _ctl_rows(rabbit, "list_channels", "global_prefetch_count")]
+    slow = [amqp_app.tasks["native.sleep_ms"].delay(100) for _ in range(24)]
+    seen = []
+    while not all(r.ready() for r in slow):
+        seen.append(unacked())
+        time.sleep(0.05)
+    assert seen and max(seen) <= 5, seen
+    assert not later.ready()
+
+
 def test_eta_cap_returns_the_latest_without_spinning(amqp_app, workers, rabbit, queue):
     """--max-eta-reserved on AMQP: the tasks over the cap go back to the queue's tail, and the window closes for
     the pause after each scan (the broker would otherwise hand them straight back, in a loop)."""
@@ -215,8 +251,12 @@ def test_inspect_and_control(amqp_app, workers, rabbit, queue):
     reply = amqp_app.control.add_consumer(other, destination=[node], reply=True, timeout=3)
     assert reply == [{node: {"ok": f"add consumer {other}"}}]
     assert amqp_app.tasks["native.add"].apply_async((5, 5), queue=other).get(timeout=TIMEOUT) == 10
+    # The second queue moved the window from the first queue's consumer to the channel: that consumer was
+    # cancelled and made again, and still takes work.
+    assert amqp_app.tasks["native.add"].delay(6, 6).get(timeout=TIMEOUT) == 12
     amqp_app.control.cancel_consumer(other, destination=[node], reply=True, timeout=3)
     assert [q["name"] for q in insp.active_queues()[node]] == [queue]
+    assert amqp_app.tasks["native.add"].delay(7, 7).get(timeout=TIMEOUT) == 14
     assert amqp_app.control.rate_limit("native.add", "100/s", destination=[node], reply=True, timeout=3)
 
 
