@@ -351,7 +351,7 @@ static bool run_task(struct child_env *env, uint64_t seq, double soft_time_limit
     struct buf *out = &env->out;
     env->took_announced = took && lent_notice_disarm(&env->notice);
     if (took && !env->took_announced) {
-        took->data[4 + 1 + 8] = 1;
+        took->data[4 + 1 + 8] = retire ? 0 : 1; /* it waits again, unless it is leaving now */
         buf_append(out, took->data, took->len);
     }
     put_u32(out, (uint32_t)(1 + 8 + 1 + 8 + 4 + env->doc.len + env->summary.len));
