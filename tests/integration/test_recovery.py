@@ -420,3 +420,17 @@ def test_a_task_that_kills_the_process_which_waited_for_it_runs_once(app, worker
     assert name == "WorkerLostError"
     assert app.send_task("native.add", args=[1, 1]).get(timeout=TIMEOUT) == 2
     assert w.log().count(f"native.crash[{crashed.id}] received") == 1
+
+
+@_inbox_only
+def test_a_long_task_taken_by_a_waiting_process_does_not_hold_up_the_next(app, workers):
+    """The process that waited runs what it took and waits again after a short task; a long one ends the lend
+    (its watchdog says so while it runs), so the next message goes to the other process meanwhile."""
+    workers.start("-c", "2")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    time.sleep(0.2)
+    slow = app.send_task("native.sleep_ms", args=[3000])
+    time.sleep(0.3)
+    assert app.send_task("native.add", args=[2, 3]).get(timeout=TIMEOUT) == 5
+    assert not slow.ready(), "the second message waited for the long task"
+    assert slow.get(timeout=TIMEOUT) == 3000
