@@ -76,11 +76,7 @@ static void arena_reserve(struct msg_request *r, size_t n)
 /* Returns n bytes owned by r's arena (freed by msg_request_clear). The reserve made in msg_decode makes the
  * fallback chunk a safety net that stock messages never use. */
 /* Big buffers about to be written whole get their pages in one call instead of one fault each (a 45 MB body:
- * ~5 ms less). A kernel without MADV_POPULATE_WRITE (before 5.14) refuses it: the faults then happen as before.
- * The 2 MiB-aligned middle is first offered transparent huge pages: populating 45 MB then takes ~4.5 ms instead
- * of ~14 (one fault and one zeroing per 2 MiB instead of per 4 KiB). Every byte of it is written right away,
- * so huge pages cost no memory that small ones would not; where THP is off ("never"), or the call is refused,
- * small pages are used as before. */
+ * ~5 ms less). A kernel without MADV_POPULATE_WRITE (before 5.14) refuses it: the faults then happen as before. */
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -89,11 +85,6 @@ static void prefault(void *p, size_t n)
     if (n < (1u << 20))
         return;
     uintptr_t page = 4096, start = ((uintptr_t)p + page - 1) & ~(page - 1), end = ((uintptr_t)p + n) & ~(page - 1);
-#ifdef MADV_HUGEPAGE
-    uintptr_t huge = (uintptr_t)2 << 20, hstart = (start + huge - 1) & ~(huge - 1), hend = end & ~(huge - 1);
-    if (hend > hstart)
-        (void)madvise((void *)hstart, hend - hstart, MADV_HUGEPAGE);
-#endif
     if (end > start)
         (void)madvise((void *)start, end - start, MADV_POPULATE_WRITE);
 }
