@@ -141,6 +141,12 @@ enum { DB_RAW_NOT_A_LIST = -1, DB_RAW_MALFORMED = -2, DB_RAW_OVERFLOW = -3 };
  * are read: any other malformation, or a number that jansson would refuse as out of range, is reported by
  * db_raw_rows_next, at the latest by the call after the last row. Close with db_raw_rows_close in every case. */
 int db_raw_rows_open(struct db_raw_rows *r, const char *text, size_t len);
+/* The same without the count (r->count stays 0): for a caller that counts apart, with db_raw_rows_count (on
+ * another thread, say, while the rows are read here: both only read the text). */
+int db_raw_rows_start(struct db_raw_rows *r, const char *text, size_t len);
+/* The count of db_raw_rows_open alone: the elements of the list text[0..len) (borrowed) into *count. Returns 0,
+ * DB_RAW_NOT_A_LIST or DB_RAW_MALFORMED. Pure and reentrant. */
+int db_raw_rows_count(const char *text, size_t len, size_t *count);
 /* The next row: for a list, its values into vals[0..max) and their number into *n (which may exceed max: the
  * extra ones are skipped), *is_list true; for anything else, the value itself into vals[0], *n = 1, *is_list
  * false. Strings are valid until the next call. Returns 1, 0 at the end (only whitespace after the list), or

@@ -466,20 +466,34 @@ static int count_elements(const char *p, const char *end, size_t *count)
     return 0;
 }
 
-int db_raw_rows_open(struct db_raw_rows *r, const char *text, size_t len)
+int db_raw_rows_start(struct db_raw_rows *r, const char *text, size_t len)
 {
     memset(r, 0, sizeof *r);
     const char *end = text + len, *p = skip_ws(text, end);
     if (p >= end || *p != '[')
         return DB_RAW_NOT_A_LIST;
-    /* Counted first, since progress reports need the total; only the structure, in one quick pass: the
-     * values are checked as their rows are read (a malformed list then aborts the COPY, so nothing lands,
-     * just as for a number out of range). A grammar pass here cost more than reading the rows. */
-    if (count_elements(p, end, &r->count) < 0)
-        return DB_RAW_MALFORMED;
     r->p = skip_ws(p + 1, end);
     r->end = end;
     return 0;
+}
+
+int db_raw_rows_count(const char *text, size_t len, size_t *count)
+{
+    const char *end = text + len, *p = skip_ws(text, end);
+    if (p >= end || *p != '[')
+        return DB_RAW_NOT_A_LIST;
+    return count_elements(p, end, count) < 0 ? DB_RAW_MALFORMED : 0;
+}
+
+int db_raw_rows_open(struct db_raw_rows *r, const char *text, size_t len)
+{
+    /* Counted first, since progress reports need the total; only the structure, in one quick pass: the
+     * values are checked as their rows are read (a malformed list then aborts the COPY, so nothing lands,
+     * just as for a number out of range). A grammar pass here cost more than reading the rows. */
+    int rc = db_raw_rows_start(r, text, len);
+    if (rc == 0)
+        rc = db_raw_rows_count(text, len, &r->count);
+    return rc;
 }
 
 /* Reads one scalar or container at *pp into v; strings go to scratch (v->s is then an offset until the row is

@@ -333,6 +333,57 @@ static void test_base64_roundtrip(void **state)
     }
 }
 
+/* Inputs long enough for the 32-characters-a-step loop (AVX2, when the CPU has it): every character of the
+ * alphabet at every place of a step decodes as the scalar table says, and every character outside it, at every
+ * place, is refused, as is '=' before the end. */
+static void test_base64_long(void **state)
+{
+    (void)state;
+    static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    enum { LEN = 32 * 6 + 8 }; /* 50 quads: steps, then the quads the scalar loop does */
+    char enc[LEN + 1];
+    unsigned char back[LEN], want[LEN];
+    for (size_t shift = 0; shift < 64; shift++) {
+        for (size_t i = 0; i < LEN; i++)
+            enc[i] = alphabet[(i * 7 + shift) % 64];
+        enc[LEN] = '\0';
+        /* Expected: each 4 characters' 24 bits, from the alphabet's own order. */
+        for (size_t q = 0; q < LEN / 4; q++) {
+            uint32_t v = 0;
+            for (size_t k = 0; k < 4; k++)
+                v = v << 6 | (uint32_t)(strchr(alphabet, enc[4 * q + k]) - alphabet);
+            want[3 * q] = (unsigned char)(v >> 16);
+            want[3 * q + 1] = (unsigned char)(v >> 8);
+            want[3 * q + 2] = (unsigned char)v;
+        }
+        assert_int_equal(base64_decode(enc, LEN, back), LEN / 4 * 3);
+        assert_memory_equal(back, want, LEN / 4 * 3);
+    }
+    for (size_t at = 0; at < LEN; at++) {
+        for (int c = 0; c < 256; c += 1 + (int)(at % 5)) {
+            if (c && strchr(alphabet, c))
+                continue;
+            char saved = enc[at];
+            enc[at] = (char)c;
+            assert_int_equal(base64_decode(enc, LEN, back), -1);
+            enc[at] = saved;
+        }
+        char saved = enc[at];
+        enc[at] = '=';
+        if (at < LEN - 2)
+            assert_int_equal(base64_decode(enc, LEN, back), -1);
+        enc[at] = saved;
+    }
+    /* In place, over lengths around the step boundaries. */
+    for (size_t len = 4 * 16; len <= 4 * 40; len += 4) {
+        char buf[4 * 40];
+        memcpy(buf, enc, len);
+        assert_int_equal(base64_decode(enc, len, back), (long)(len / 4 * 3));
+        assert_int_equal(base64_decode(buf, len, (unsigned char *)buf), (long)(len / 4 * 3));
+        assert_memory_equal(buf, back, len / 4 * 3);
+    }
+}
+
 static void test_escapes(void **state)
 {
     (void)state;
@@ -1028,7 +1079,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_data_cases),     cmocka_unit_test(test_base64_vectors),
-        cmocka_unit_test(test_base64_roundtrip), cmocka_unit_test(test_escapes),
+        cmocka_unit_test(test_base64_roundtrip), cmocka_unit_test(test_base64_long), cmocka_unit_test(test_escapes),
         cmocka_unit_test(test_surrogates),     cmocka_unit_test(test_utf8_validation),
         cmocka_unit_test(test_numbers),        cmocka_unit_test(test_depth),
         cmocka_unit_test(test_structure_errors), cmocka_unit_test(test_errors_keep_id),
