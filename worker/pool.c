@@ -435,17 +435,18 @@ static bool wait_answered(struct child_env *env)
                                                 raw, len, deferred ? took : NULL);
     free(raw);
     env->wait_seq++;
-    if (stop || child_send(env) < 0)
+    if (stop)
         return true;
-    /* A short task: waiting again at once (its TOOK said so), so the next message does not take the main
-     * process's slower path. A long one was announced while it ran, ending the lend: meanwhile the main
-     * process waited, or lent the wait to another process. */
-    if (!deferred || env->took_announced)
-        return false;
-    if (--env->wait_seqs_left == 0)
-        wait_end(env, POOL_WAIT_OVER); /* the main process lends again, with a fresh block */
-    else if (lent_wait_start(&env->wait, env->opt->redis, env->wait_key, env->wait_inbox) < 0)
-        wait_end(env, POOL_WAIT_UNREACHABLE);
+    /* A short task: its result goes to Redis, then the wait again at once (its TOOK said so), so the next
+     * message does not take the main process's slower path, and then the frames. A long one was announced
+     * while it ran, ending the lend: meanwhile the main process waited, or lent the wait to another process. */
+    if (deferred && !env->took_announced) {
+        store_flush(&env->store, &env->out);
+        if (--env->wait_seqs_left == 0)
+            wait_end(env, POOL_WAIT_OVER); /* the main process lends again, with a fresh block */
+        else if (lent_wait_start(&env->wait, env->opt->redis, env->wait_key, env->wait_inbox) < 0)
+            wait_end(env, POOL_WAIT_UNREACHABLE);
+    }
     return child_send(env) < 0;
 }
 
