@@ -693,9 +693,11 @@ static void redis_wait_took(struct broker *base, const char *raw, size_t len, bo
         b->fetch_requested--;
     }
     if (!raw) {
-        /* Its borrower died running it before saying what it was: the inbox's oldest, read now, on the
-         * blocking connection (idle while the wait was lent: no other reply can come first). */
-        redisReply *r = block_open(b) ? rconn_call(&b->block, "LINDEX %s -1", b->inbox) : NULL;
+        /* Its borrower died running it before saying what it was: the inbox's newest (the borrower's BLMOVEs
+         * are the only pushes while the wait is lent; the one before it may not be trimmed yet, its LTRIM is
+         * on the main connection, ahead of this one's), read now on the blocking connection (idle while the
+         * wait was lent: no other reply can come first). */
+        redisReply *r = block_open(b) ? rconn_call(&b->block, "LINDEX %s 0", b->inbox) : NULL;
         if (r && r->type == REDIS_REPLY_STRING) {
             char *m = r->str;
             r->str = NULL;
