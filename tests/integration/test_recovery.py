@@ -434,3 +434,24 @@ def test_a_long_task_taken_by_a_waiting_process_does_not_hold_up_the_next(app, w
     assert app.send_task("native.add", args=[2, 3]).get(timeout=TIMEOUT) == 5
     assert not slow.ready(), "the second message waited for the long task"
     assert slow.get(timeout=TIMEOUT) == 3000
+
+
+@_inbox_only
+def test_a_crash_right_after_a_task_the_same_process_waited_for(app, workers, backend):
+    """The process runs a short task, waits again at once, takes the next one and dies in it, perhaps before the
+    main process has even read about the first: the first keeps its SUCCESS, the second gets WorkerLostError,
+    each runs once."""
+    w = workers.start("-c", "1", "--enable-test-tasks")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    time.sleep(0.2)
+    for i in range(3):
+        first = app.send_task("native.add", args=[i, 1])
+        crashed = app.send_task("native.crash", args=["segfault"])
+        assert first.get(timeout=TIMEOUT) == i + 1
+        name, _ = exc_name_of(crashed)
+        assert name == "WorkerLostError"
+        time.sleep(0.3)
+        assert result_doc(backend, first.id)["status"] == "SUCCESS"
+        assert w.log().count(f"native.crash[{crashed.id}] received") == 1
+        assert w.log().count(f"native.add[{first.id}] received") == 1
+    assert app.send_task("native.add", args=[1, 1]).get(timeout=TIMEOUT) == 2
