@@ -154,11 +154,12 @@ int broker_fetch_in_flight(const struct broker *b);
 /* The part of it that is a wait for the next message (Redis's idle BLMOVE), answered only when one comes: not a
  * stalled broker. */
 int broker_fetch_blocked(const struct broker *b);
-/* The lent wait (broker_handlers.lend_wait) took raw[0..len) (borrowed; copied) from the queue into the inbox:
- * delivered now through on_deliver, as the broker's own BLMOVE reply would be. lend_over: the borrower does not
- * wait again (else it does, and the wait stays lent). raw NULL: the borrower cannot say what it took (it
- * died): read from the inbox first (blocking, one round trip). */
-void broker_wait_took(struct broker *b, const char *raw, size_t len, bool lend_over);
+/* The lent wait (broker_handlers.lend_wait) took raw[0..len) from the queue into the inbox: delivered now
+ * through on_deliver, as the broker's own BLMOVE reply would be. raw_fd -1: raw borrowed (copied); else raw is
+ * the MAP_SHARED mapping (len + 2 bytes) of the memfd raw_fd, both taken over (the delivery's raw_shared).
+ * lend_over: the borrower does not wait again (else it does, and the wait stays lent). raw NULL: the borrower
+ * cannot say what it took (it died): read from the inbox first (blocking, one round trip). */
+void broker_wait_took(struct broker *b, const char *raw, size_t len, int raw_fd, bool lend_over);
 /* The lent wait is over with nothing taken by its borrower: what it may have moved into the inbox is delivered
  * from there (or put back on the queue, when the wait was recalled). */
 void broker_wait_ended(struct broker *b);

@@ -683,11 +683,16 @@ static void on_block_reply(struct rconn *c, redisReply *r, void *arg, bool *stea
 
 static bool block_open(struct redis_broker *b);
 
-static void redis_wait_took(struct broker *base, const char *raw, size_t len, bool lend_over)
+static void redis_wait_took(struct broker *base, const char *raw, size_t len, int raw_fd, bool lend_over)
 {
     struct redis_broker *b = (struct redis_broker *)base;
-    if (!b->lent)
+    if (!b->lent) {
+        if (raw_fd >= 0) {
+            munmap((void *)raw, len + 2);
+            close(raw_fd);
+        }
         return;
+    }
     if (lend_over) {
         b->lent = false;
         b->fetch_requested--;
@@ -705,6 +710,10 @@ static void redis_wait_took(struct broker *base, const char *raw, size_t len, bo
         }
         if (r)
             freeReplyObject(r);
+        return;
+    }
+    if (raw_fd >= 0) {
+        inbox_delivered(b, (char *)raw, len, raw_fd); /* the mapping is only read, and unmapped by its delivery */
         return;
     }
     char *copy = malloc(len + 1);

@@ -3,6 +3,8 @@
 #include "transport.h"
 
 #include <stddef.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 struct broker *broker_open(const struct broker_endpoint *ep, const struct broker_options *opt,
                            const struct broker_handlers *h, void *arg, char *err, size_t errlen)
@@ -72,10 +74,14 @@ int broker_fetch_blocked(const struct broker *b)
     return b->ops->fetch_blocked ? b->ops->fetch_blocked(b) : 0;
 }
 
-void broker_wait_took(struct broker *b, const char *raw, size_t len, bool lend_over)
+void broker_wait_took(struct broker *b, const char *raw, size_t len, int raw_fd, bool lend_over)
 {
-    if (b->ops->wait_took)
-        b->ops->wait_took(b, raw, len, lend_over);
+    if (b->ops->wait_took) {
+        b->ops->wait_took(b, raw, len, raw_fd, lend_over);
+    } else if (raw_fd >= 0) { /* nothing is lent on this transport; still ours to release */
+        munmap((void *)raw, len + 2);
+        close(raw_fd);
+    }
 }
 
 void broker_wait_ended(struct broker *b)

@@ -34,7 +34,7 @@ struct broker_ops {
     void (*reject)(struct broker *b, const char *tag);
     int (*fetch_blocked)(const struct broker *b); /* optional: NULL means never */
     /* Optional (only a transport that calls lend_wait): */
-    void (*wait_took)(struct broker *b, const char *raw, size_t len, bool lend_over);
+    void (*wait_took)(struct broker *b, const char *raw, size_t len, int raw_fd, bool lend_over);
     void (*wait_ended)(struct broker *b);
 };
 

@@ -1152,14 +1152,15 @@ static void recall_wait(void *arg)
         pool_recall_wait(c->pool, c->lent_child);
 }
 
-static void on_wait_took(void *arg, int child, uint64_t seq, const char *raw, size_t len, bool lend_over)
+static void on_wait_took(void *arg, int child, uint64_t seq, const char *raw, size_t len, int raw_fd,
+                         bool lend_over)
 {
     struct consumer *c = arg;
     if (lend_over)
         c->lent_child = -1;
     c->took_child = child;
     c->took_seq = seq;
-    broker_wait_took(c->broker, raw, len, lend_over);
+    broker_wait_took(c->broker, raw, len, raw_fd, lend_over);
     c->took_child = -1;
 }
 

@@ -7,8 +7,9 @@
  * process's inbox) on its own connection, and when a message comes it tells the main process what it took
  * (a TOOK frame with the message) and runs it at once; the main process then does its bookkeeping (events,
  * ack, time limits) as if it had dispatched it. What the child may not decide alone (an ETA or expiry, a
- * possibly revoked id, rate or time limits set by control, a message of 1 MiB or more) it leaves in the inbox
- * and ends the wait; the main process then reads it from there.
+ * possibly revoked id, rate or time limits set by control, a message over the size limit) it leaves in the
+ * inbox and ends the wait; the main process then reads it from there. A message of 1 MiB or more is read into
+ * a memfd that goes with its TOOK frame: the main process maps it instead of reading a copy.
  *
  * The gate is what the child needs to know to decide: written by the main process, read by the children,
  * in memory shared across fork. Child-side functions run in the pool process only. */
@@ -32,6 +33,7 @@ void lent_gate_free(struct lent_gate *g);
  * every task: rate or time limits set per task type, track_started). max_message_size as the worker's (0: no
  * limit). */
 void lent_gate_set(struct lent_gate *g, bool open, size_t max_message_size);
+size_t lent_gate_max_message_size(const struct lent_gate *g);
 /* Marks id (borrowed) as possibly revoked: a child leaves such a message to the main process. Never cleared
  * (a revoked id stays marked for the life of the worker; a false positive only costs the fast path). */
 void lent_gate_revoke(struct lent_gate *g, const char *id);
@@ -50,13 +52,14 @@ struct lent_wait {
 int lent_wait_start(struct lent_wait *w, const struct broker_endpoint *ep, const char *key, const char *inbox);
 
 enum lent_outcome {
-    LENT_MESSAGE, /* *raw (caller frees) is the message: it is in the inbox */
+    LENT_MESSAGE, /* *raw is the message: it is in the inbox. *fd -1: caller frees *raw; else *raw is the
+                   * MAP_SHARED mapping (*len + 2 bytes) of the memfd *fd, both the caller's */
     LENT_LEFT,    /* the wait is over, the message (if any) left in the inbox for the main process */
     LENT_REFUSED, /* the server refused the BLMOVE (an ACL, say): lending is pointless here */
 };
-/* Reads the reply once the fd is readable. A reply of 1 MiB or more is not read: the connection is closed
- * instead (the server then drops it), and it is the main process's to read from the inbox. */
-enum lent_outcome lent_wait_read(struct lent_wait *w, char **raw, size_t *len);
+/* Reads the reply once the fd is readable (g: the gate, for the size limit). A reply over the limit is not
+ * read: the connection is closed instead (the server then drops it), and it is the main process's to refuse. */
+enum lent_outcome lent_wait_read(struct lent_wait *w, const struct lent_gate *g, char **raw, size_t *len, int *fd);
 /* Stops a wait (closing the connection is the only sure way); what it may have moved stays in the inbox. */
 void lent_wait_cancel(struct lent_wait *w);
 

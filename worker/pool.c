@@ -27,7 +27,7 @@
 
 enum {
     FRAME_TASK = 1, FRAME_RESULT = 2, FRAME_TASK_FD = 3,
-    FRAME_WAIT = 4, FRAME_RECALL = 5, FRAME_TOOK = 6, FRAME_WAIT_END = 7, /* the lent wait (lentwait.h) */
+    FRAME_WAIT = 4, FRAME_RECALL = 5, FRAME_TOOK = 6, FRAME_WAIT_END = 7, FRAME_TOOK_FD = 8, /* lentwait.h */
 };
 /* Frame: u32 length of what follows | u8 type | payload.
  * TASK payload:    u64 seq | f64 soft time limit (0: the message's or the default) | raw message
@@ -38,6 +38,8 @@ enum {
  * RECALL:          no payload: end the wait now, if it is still on
  * TOOK payload:    u64 seq | u8 1 when the wait goes on after it, 0 when the lend ends with it | raw message:
  *                  taken by the wait and running now (its RESULT follows)
+ * TOOK_FD payload: u64 seq | u8 0 | u64 message length: as TOOK for a message of 1 MiB or more, which is in a
+ *                  memfd passed with the frame's first byte (child to main: the only frame that carries one)
  * WAIT_END payload: u8 enum pool_wait_end: the wait is over, nothing was run */
 #define FRAME_HEADER 5
 /* Messages this large go to the child in a memfd it maps, instead of through the socket: a 60 MB message
@@ -49,12 +51,70 @@ enum {
 #define BIG_BUFFER (16u << 20) /* a frame buffer this large is freed, not kept, once empty */
 #define TOOK_AFTER_S 0.001 /* a lent task running this long is announced before it ends (lentwait.h) */
 
+/* The memfds received over a pool socket and not yet used, in the order of their frames. */
+struct fd_fifo {
+    int *fds; /* owned, as is every fd in it */
+    size_t head, len, cap;
+};
+
+/* Reads what the socket has into in, collecting passed fds into fifo. flags: recvmsg's. Returns as read(2). */
+static ssize_t read_frames(int fd, struct buf *in, struct fd_fifo *fifo, int flags)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * FDS_PER_READ)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = {in->data + in->len, in->cap - in->len - 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    ssize_t n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | flags);
+    for (struct cmsghdr *c = n >= 0 ? CMSG_FIRSTHDR(&msg) : NULL; c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < k; i++) {
+            int got;
+            memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof got);
+            if (fifo->head + fifo->len == fifo->cap) {
+                if (fifo->head) {
+                    memmove(fifo->fds, fifo->fds + fifo->head, fifo->len * sizeof *fifo->fds);
+                    fifo->head = 0;
+                }
+                if (fifo->len == fifo->cap) {
+                    fifo->cap = fifo->cap ? fifo->cap * 2 : 8;
+                    if (!(fifo->fds = realloc(fifo->fds, fifo->cap * sizeof *fifo->fds)))
+                        abort();
+                }
+            }
+            fifo->fds[fifo->head + fifo->len++] = got;
+        }
+    }
+    return n;
+}
+
+/* The oldest fd of fifo (the caller's), or -1 when none came. */
+static int fifo_pop(struct fd_fifo *fifo)
+{
+    if (!fifo->len)
+        return -1;
+    fifo->len--;
+    return fifo->fds[fifo->head++];
+}
+
+static void fifo_close_all(struct fd_fifo *fifo)
+{
+    for (size_t i = 0; i < fifo->len; i++)
+        close(fifo->fds[fifo->head + i]);
+    fifo->head = fifo->len = 0;
+}
+
 struct child {
     pid_t pid;
     int fd;           /* main's end of the socketpair; -1 when dead */
     struct buf out;   /* frames waiting to be written, from out_sent on */
     size_t out_sent;  /* bytes of out already written: consumed lazily, see send_out */
     struct buf in;    /* bytes read, not yet parsed */
+    struct fd_fifo fds_in; /* memfds that came with in (TOOK_FD frames) */
     struct handoff {  /* memfds to send with the byte of out at offset `at` (the start of their frame) */
         size_t at;
         int fd;       /* owned until sent */
@@ -236,47 +296,6 @@ static void store_flush(struct child_store *cs, struct buf *out)
     cs->n = 0;
 }
 
-/* The memfds a child has received and not yet used, in the order of their frames. */
-struct fd_fifo {
-    int *fds; /* owned, as is every fd in it */
-    size_t head, len, cap;
-};
-
-/* Reads what the socket has into in, collecting passed fds into fifo. Returns as read(2). */
-static ssize_t read_frames(int fd, struct buf *in, struct fd_fifo *fifo)
-{
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * FDS_PER_READ)];
-        struct cmsghdr align;
-    } control;
-    struct iovec iov = {in->data + in->len, in->cap - in->len - 1};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                         .msg_controllen = sizeof control.buf};
-    ssize_t n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
-    for (struct cmsghdr *c = n >= 0 ? CMSG_FIRSTHDR(&msg) : NULL; c; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-            continue;
-        size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t i = 0; i < k; i++) {
-            int got;
-            memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof got);
-            if (fifo->head + fifo->len == fifo->cap) {
-                if (fifo->head) {
-                    memmove(fifo->fds, fifo->fds + fifo->head, fifo->len * sizeof *fifo->fds);
-                    fifo->head = 0;
-                }
-                if (fifo->len == fifo->cap) {
-                    fifo->cap = fifo->cap ? fifo->cap * 2 : 8;
-                    if (!(fifo->fds = realloc(fifo->fds, fifo->cap * sizeof *fifo->fds)))
-                        abort();
-                }
-            }
-            fifo->fds[fifo->head + fifo->len++] = got;
-        }
-    }
-    return n;
-}
-
 /* The message of a TASK_FD frame: the next memfd, mapped (*map, *maplen: what to munmap) or, should mapping
  * fail, read into *copy (caller frees). Returns the message, or NULL when there is none to be had (the task
  * then fails as an undecodable message would). */
@@ -284,10 +303,12 @@ static const char *handoff_message(struct fd_fifo *fifo, size_t len, void **map,
 {
     *map = NULL;
     *copy = NULL;
-    if (!fifo->len || len == 0)
+    int fd = fifo_pop(fifo);
+    if (fd < 0 || len == 0) {
+        if (fd >= 0)
+            close(fd);
         return NULL;
-    int fd = fifo->fds[fifo->head++];
-    fifo->len--;
+    }
     const char *msg = NULL;
     void *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     if (m != MAP_FAILED) {
@@ -407,6 +428,63 @@ static void wait_begin(struct child_env *env, const char *p, size_t len)
         wait_end(env, POOL_WAIT_UNREACHABLE);
 }
 
+/* Writes a TOOK_FD frame with fd (borrowed: the main process gets its own reference) after what env->out
+ * holds. */
+static int took_fd_send(struct child_env *env, uint64_t seq, size_t len, int fd)
+{
+    if (child_send(env) < 0)
+        return -1;
+    char frame[4 + 1 + 8 + 1 + 8];
+    uint32_t flen = sizeof frame - 4;
+    uint64_t len64 = len;
+    memcpy(frame, &flen, 4);
+    frame[4] = FRAME_TOOK_FD;
+    memcpy(frame + 5, &seq, 8);
+    frame[13] = 0;
+    memcpy(frame + 14, &len64, 8);
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {frame, sizeof frame};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    ssize_t w;
+    while ((w = sendmsg(env->fd, &msg, MSG_NOSIGNAL)) < 0 && errno == EINTR)
+        ;
+    if (w <= 0)
+        return -1;
+    return write_all(env->fd, frame + w, sizeof frame - (size_t)w);
+}
+
+/* A lent message of 1 MiB or more (raw: the mapping of memfd fd, both owned): the main process hears of it
+ * at once, with the memfd, and the lend ends with it (a task that size is not a short one). */
+static bool run_big_taken(struct child_env *env, const struct task_def *def, char *raw, size_t len, int fd)
+{
+    uint64_t seq = env->wait_seq++;
+    bool stop = took_fd_send(env, seq, len, fd) < 0 ||
+                run_task(env, seq, def->soft_time_limit > 0 ? def->soft_time_limit : 0, raw, len, NULL);
+    munmap(raw, len + 2);
+    close(fd);
+    return stop || child_send(env) < 0;
+}
+
+static void taken_free(char *raw, size_t len, int fd)
+{
+    if (fd >= 0) {
+        munmap(raw, len + 2);
+        close(fd);
+    } else {
+        free(raw);
+    }
+}
+
 /* The wait's reply is readable: run the message and wait again at once (the lend lasts until recalled, so a
  * message arriving right after is not left to the main process's slower path), or leave it in the inbox for
  * the main process and end the lend. Returns true when the child should retire now. */
@@ -414,13 +492,16 @@ static bool wait_answered(struct child_env *env)
 {
     char *raw;
     size_t len;
-    enum lent_outcome o = lent_wait_read(&env->wait, &raw, &len);
+    int fd;
+    enum lent_outcome o = lent_wait_read(&env->wait, env->gate, &raw, &len, &fd);
     const struct task_def *def = o == LENT_MESSAGE ? lent_gate_admits(env->gate, raw, len) : NULL;
     if (!def) {
-        free(raw);
+        taken_free(raw, len, fd);
         wait_end(env, o == LENT_REFUSED ? POOL_WAIT_REFUSED : POOL_WAIT_OVER);
         return child_send(env) < 0;
     }
+    if (fd >= 0)
+        return run_big_taken(env, def, raw, len, fd);
     struct buf *took = &env->took;
     buf_reset(took);
     put_u32(took, (uint32_t)(1 + 8 + 1 + len));
@@ -471,7 +552,7 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
                 continue;
         }
         buf_reserve(&in, 1 << 16);
-        ssize_t n = read_frames(fd, &in, &fifo);
+        ssize_t n = read_frames(fd, &in, &fifo, 0);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -530,8 +611,7 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
 done:
     log_flush();
     lent_wait_cancel(&env.wait);
-    for (size_t i = 0; i < fifo.len; i++)
-        close(fifo.fds[fifo.head + i]);
+    fifo_close_all(&fifo);
     free(fifo.fds);
     if (env.store.conn)
         redisFree(env.store.conn);
@@ -840,15 +920,36 @@ static void child_gone(struct pool *p, int i)
     c->out_sent = 0;
     drop_handoffs(c);
     buf_reset(&c->in);
+    fifo_close_all(&c->fds_in);
     if (c->lent) { /* whatever its wait moved is still in the inbox */
         c->lent = false;
         uint64_t running = 0;
         if (pool_died_running(p, i, &running) && running == c->lent_next)
-            p->h.on_wait_took(p->arg, i, running, NULL, 0, true); /* died running it before it said so */
+            p->h.on_wait_took(p->arg, i, running, NULL, 0, -1, true); /* died running it before it said so */
         else
             p->h.on_wait_end(p->arg, i, POOL_WAIT_OVER);
     }
     p->h.on_child_exit(p->arg, i, status);
+}
+
+/* A TOOK_FD frame from child i: the message is mapped from its memfd and goes to the handler with it. Should
+ * that fail, the handler is told as if the child had died before saying what it took: the message is then read
+ * from where the child moved it. */
+static void took_fd_received(struct pool *p, int i, uint64_t seq, size_t len)
+{
+    struct child *c = &p->children[i];
+    c->outstanding++;
+    c->lent_next = seq + 1;
+    c->lent = false;
+    int fd = fifo_pop(&c->fds_in);
+    char *raw = fd >= 0 ? mmap(NULL, len + 2, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+    if (raw == MAP_FAILED) {
+        if (fd >= 0)
+            close(fd);
+        p->h.on_wait_took(p->arg, i, seq, NULL, 0, -1, true);
+        return;
+    }
+    p->h.on_wait_took(p->arg, i, seq, raw, len, fd, true);
 }
 
 static void parse_results(struct pool *p, int i)
@@ -865,7 +966,11 @@ static void parse_results(struct pool *p, int i)
             c->outstanding++;
             c->lent_next = get_u64(f + 1) + 1;
             c->lent = f[9] == 1;
-            p->h.on_wait_took(p->arg, i, get_u64(f + 1), f + 10, flen - 10, !c->lent);
+            p->h.on_wait_took(p->arg, i, get_u64(f + 1), f + 10, flen - 10, -1, !c->lent);
+            continue;
+        }
+        if (f[0] == FRAME_TOOK_FD && flen == 18 && c->lent) {
+            took_fd_received(p, i, get_u64(f + 1), (size_t)get_u64(f + 10));
             continue;
         }
         if (f[0] == FRAME_WAIT_END && flen == 2 && c->lent) {
@@ -967,7 +1072,7 @@ void pool_process(struct pool *p, const struct pollfd *fds, int n)
                 send_out(c);
             if (fds[k].revents & (POLLIN | POLLHUP | POLLERR)) {
                 buf_reserve(&c->in, 1 << 16);
-                ssize_t r = recv(c->fd, c->in.data + c->in.len, c->in.cap - c->in.len - 1, MSG_DONTWAIT);
+                ssize_t r = read_frames(c->fd, &c->in, &c->fds_in, MSG_DONTWAIT);
                 if (r > 0) {
                     c->in.len += (size_t)r;
                     parse_results(p, i);
@@ -1075,6 +1180,8 @@ void pool_free(struct pool *p)
         buf_free(&p->children[i].in);
         drop_handoffs(&p->children[i]);
         free(p->children[i].handoffs);
+        fifo_close_all(&p->children[i].fds_in);
+        free(p->children[i].fds_in.fds);
     }
     free(p->children);
     free(p);

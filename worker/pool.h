@@ -44,12 +44,15 @@ struct pool_handlers {
     void (*on_result)(void *arg, int child, const struct pool_result *r);
     /* A child died; every task still queued to it is the caller's to settle. status as from waitpid. */
     void (*on_child_exit)(void *arg, int child, int status);
-    /* The wait lent to child (pool_lend_wait) took raw[0..len) (borrowed for the call), which the child runs
-     * (or ran) as seq: its result comes like a submitted task's, before those submitted to the child since the
-     * lend (only after a recall) and after the previous one it took. lend_over: the child does not wait again
-     * (a long task; no on_wait_end follows). raw NULL: the child died running it before it could say what it
-     * took, which is then the inbox's oldest message (lend_over; on_child_exit follows at once). */
-    void (*on_wait_took)(void *arg, int child, uint64_t seq, const char *raw, size_t len, bool lend_over);
+    /* The wait lent to child (pool_lend_wait) took raw[0..len), which the child runs (or ran) as seq: its
+     * result comes like a submitted task's, before those submitted to the child since the lend (only after a
+     * recall) and after the previous one it took. raw_fd -1: raw is borrowed for the call; else (a message of
+     * 1 MiB or more) raw is the MAP_SHARED mapping (len + 2 bytes) of the memfd raw_fd, both the handler's.
+     * lend_over: the child does not wait again (a long task; no on_wait_end follows). raw NULL: the child died
+     * running it before it could say what it took, or its memfd could not be mapped; it is then read from the
+     * inbox (lend_over; on a death, on_child_exit follows at once). */
+    void (*on_wait_took)(void *arg, int child, uint64_t seq, const char *raw, size_t len, int raw_fd,
+                         bool lend_over);
     /* The wait lent to child is over without a task run (recalled, a message the child left to the main
      * process, a lost connection, the child gone); why: enum pool_wait_end. */
     void (*on_wait_end)(void *arg, int child, int why);

@@ -455,3 +455,35 @@ def test_a_crash_right_after_a_task_the_same_process_waited_for(app, workers, ba
         assert w.log().count(f"native.crash[{crashed.id}] received") == 1
         assert w.log().count(f"native.add[{first.id}] received") == 1
     assert app.send_task("native.add", args=[1, 1]).get(timeout=TIMEOUT) == 2
+
+
+def command_calls(broker, cmd):
+    return broker.info("commandstats").get(f"cmdstat_{cmd}", {}).get("calls", 0)
+
+
+@_inbox_only
+def test_a_big_message_a_waiting_process_took_reaches_the_main_process_in_a_memfd(app, workers, broker):
+    """From 1 MiB on, the process that waited reads the message into a memfd that goes to the main process with
+    its TOOK frame: the main process keeps its books from it (here: the late-ack record, which it writes itself
+    for a message that big, byte for byte kombu's) and never reads the message again from the inbox. One with
+    an ETA is still left to the main process, which reads it from there."""
+    w = workers.start("-c", "1", "--acks-late", "-l", "debug")
+    assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
+    time.sleep(0.2)
+    lindex = command_calls(broker, "lindex")
+    env = task_envelope("native.sleep_ms", args=[1500])
+    env["headers"]["x-padding"] = "p" * (3 << 20)  # a header the task ignores makes it big
+    raw = json.dumps(env)
+    tag, task_id = env["properties"]["delivery_tag"], env["headers"]["id"]
+    broker.lpush("celery", raw)
+    wait_until(lambda: broker.hexists("unacked", tag), what="the big message recorded as unacked")
+    assert broker.hget("unacked", tag) == ('[' + raw + ', "", "celery"]').encode()
+    assert f"native.sleep_ms[{task_id}] taken by pool process" in w.log()
+    assert app.AsyncResult(task_id).get(timeout=TIMEOUT) == 1500
+    assert command_calls(broker, "lindex") == lindex, "the main process read it again"
+    wait_drained(broker)
+    big = "e" * (2 << 20)
+    later = app.send_task("native.echo", args=[big], countdown=0.3)
+    assert later.get(timeout=TIMEOUT) == {"args": [big], "kwargs": {}}
+    assert f"native.echo[{later.id}] taken by pool process" not in w.log()
+    wait_drained(broker)
