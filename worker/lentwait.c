@@ -148,25 +148,12 @@ static long long bulk_length(const char *head, size_t n, size_t *head_len)
     return v;
 }
 
-static bool write_all(int fd, const char *p, size_t len)
+/* Moves exactly len bytes: written to fd (out), or received from the blocking socket fd (its receive timeout
+ * bounds a stalled server). */
+static bool move_all(int fd, char *p, size_t len, bool out)
 {
     while (len) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return false;
-        p += n;
-        len -= (size_t)n;
-    }
-    return true;
-}
-
-/* Reads exactly len bytes from the blocking socket fd (its receive timeout bounds a stalled server). */
-static bool recv_all(int fd, char *p, size_t len)
-{
-    while (len) {
-        ssize_t n = recv(fd, p, len, 0);
+        ssize_t n = out ? write(fd, p, len) : recv(fd, p, len, 0);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -185,7 +172,7 @@ static bool recv_all(int fd, char *p, size_t len)
 static bool read_into_memfd(int sock, size_t head_len, size_t size, char **raw, int *fd)
 {
     char head[32];
-    if (!recv_all(sock, head, head_len))
+    if (!move_all(sock, head, head_len, false))
         return false;
     int m = memfd_create("celeriac-message", MFD_CLOEXEC);
     if (m < 0)
@@ -196,7 +183,7 @@ static bool read_into_memfd(int sock, size_t head_len, size_t size, char **raw, 
         ssize_t n = recv(sock, bounce, left < chunk ? left : chunk, 0);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0 || !write_all(m, bounce, (size_t)n))
+        if (n <= 0 || !move_all(m, bounce, (size_t)n, true))
             break;
         left -= (size_t)n;
     }

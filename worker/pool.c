@@ -195,6 +195,25 @@ static int write_all(int fd, const char *p, size_t len)
     return 0;
 }
 
+/* sendmsg of p[0..len) with fd (borrowed) attached to its first byte. Returns as sendmsg(2). */
+static ssize_t send_with_fd(int sock, const char *p, size_t len, int fd, int flags)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {(void *)p, len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    return sendmsg(sock, &msg, flags);
+}
+
 /* Forgets the memfds not yet sent (their frames are being dropped). */
 static void drop_handoffs(struct child *c)
 {
@@ -442,21 +461,8 @@ static int took_fd_send(struct child_env *env, uint64_t seq, size_t len, int fd)
     memcpy(frame + 5, &seq, 8);
     frame[13] = 0;
     memcpy(frame + 14, &len64, 8);
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control;
-    memset(&control, 0, sizeof control);
-    struct iovec iov = {frame, sizeof frame};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                         .msg_controllen = sizeof control.buf};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
     ssize_t w;
-    while ((w = sendmsg(env->fd, &msg, MSG_NOSIGNAL)) < 0 && errno == EINTR)
+    while ((w = send_with_fd(env->fd, frame, sizeof frame, fd, MSG_NOSIGNAL)) < 0 && errno == EINTR)
         ;
     if (w <= 0)
         return -1;
@@ -1020,20 +1026,8 @@ static void send_out(struct child *c)
     if (c->nhandoffs && c->handoffs[0].at == c->out_sent) {
         if (c->nhandoffs > 1)
             upto = c->handoffs[1].at;
-        union {
-            char buf[CMSG_SPACE(sizeof(int))];
-            struct cmsghdr align;
-        } control;
-        memset(&control, 0, sizeof control);
-        struct iovec iov = {c->out.data + c->out_sent, upto - c->out_sent};
-        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                             .msg_controllen = sizeof control.buf};
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &c->handoffs[0].fd, sizeof(int));
-        w = sendmsg(c->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        w = send_with_fd(c->fd, c->out.data + c->out_sent, upto - c->out_sent, c->handoffs[0].fd,
+                         MSG_DONTWAIT | MSG_NOSIGNAL);
         if (w > 0) { /* the fd went with these bytes: the child holds its own reference now */
             close(c->handoffs[0].fd);
             memmove(c->handoffs, c->handoffs + 1, (c->nhandoffs - 1) * sizeof *c->handoffs);
