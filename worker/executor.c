@@ -377,6 +377,21 @@ const char *executor_last_task_id(const struct executor *ex)
     return ex->last_id;
 }
 
+/* Two seconds covers the gap between the tasks of an import sent as a stream of big messages. */
+#define SPARE_IDLE_MS 2000
+
+int executor_idle_ms(const struct executor *ex)
+{
+    (void)ex;
+    return msg_spare_held() ? SPARE_IDLE_MS : -1;
+}
+
+void executor_idle(struct executor *ex)
+{
+    (void)ex;
+    msg_spare_release();
+}
+
 enum executor_status executor_run(struct executor *ex, const char *raw, size_t len, double soft_time_limit,
                                   struct buf *doc, struct buf *summary, double *runtime)
 {

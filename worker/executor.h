@@ -47,6 +47,10 @@ enum executor_status executor_run(struct executor *ex, const char *raw, size_t l
 
 /* The task id of the message executor_run last ran ("" if it had none). Borrowed until the next run. */
 const char *executor_last_task_id(const struct executor *ex);
+/* A process that ran a big message keeps its decoding buffer for the next one (message.h). executor_idle_ms:
+ * how long the caller may wait for work before calling executor_idle, which frees it; -1: no limit. */
+int executor_idle_ms(const struct executor *ex);
+void executor_idle(struct executor *ex);
 
 /* The exception type a client sees for a message that msg_decode refused with msg_status:
  * ContentDisallowed, DecodeError or InvalidTaskError. */

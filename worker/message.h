@@ -79,6 +79,10 @@ int msg_decode_envelope(const char *raw, size_t len, size_t max_size, struct msg
  * decode. */
 char *msg_body_copy(const struct msg_request *r, size_t *len);
 void msg_request_clear(struct msg_request *r);
+/* msg_request_clear keeps the calling thread's last big decoding buffer (1 MiB or more) for its next big
+ * message, whose pages are then already there. msg_spare_release frees it: call it when idle. */
+bool msg_spare_held(void);
+void msg_spare_release(void);
 
 /* An eta/expires header -> epoch seconds. Accepts what Celery's parser (celery/utils/iso8601.py) accepts:
  * "YYYY[-MM[-DD[THH:MM[:SS[.fraction]][Z|+HH:MM|-HH:MM]]]]" ("T" may also be "t" or a space; month and day may

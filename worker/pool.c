@@ -547,15 +547,23 @@ static void child_loop(int fd, const struct pool_options *opt, struct pool_slot 
     struct buf in = {0};
     struct fd_fifo fifo = {0};
     for (;;) {
+        int idle_ms = executor_idle_ms(env.ex);
         if (env.wait.waiting) {
             struct pollfd pf[2] = {{fd, POLLIN, 0}, {env.wait.conn->fd, POLLIN, 0}};
-            if (poll(pf, 2, -1) < 0)
-                continue; /* EINTR */
+            int ready = poll(pf, 2, idle_ms);
+            if (ready == 0)
+                executor_idle(env.ex);
+            if (ready <= 0)
+                continue; /* EINTR, or idle */
             if (pf[1].revents && wait_answered(&env))
                 goto done;
             log_flush();
             if (!pf[0].revents)
                 continue;
+        }
+        if (!env.wait.waiting && idle_ms >= 0 && poll(&(struct pollfd){fd, POLLIN, 0}, 1, idle_ms) == 0) {
+            executor_idle(env.ex);
+            continue;
         }
         buf_reserve(&in, 1 << 16);
         ssize_t n = read_frames(fd, &in, &fifo, 0);

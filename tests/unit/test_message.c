@@ -968,6 +968,59 @@ static void test_reuse_and_clear(void **state)
     msg_request_clear(&r);
 }
 
+/* A v2 envelope whose base64 body is the JSON array [[], {}, {}, "<n times c>"]; caller frees. */
+static char *big_message(size_t n, char c, size_t *len)
+{
+    size_t blen = n + 20;
+    char *body = malloc(blen + 1);
+    assert_non_null(body);
+    int head = snprintf(body, blen, "[[], {}, {}, \"");
+    memset(body + head, c, n);
+    strcpy(body + head + n, "\"]");
+    blen = (size_t)head + n + 2;
+    char *b64 = malloc(4 * ((blen + 2) / 3) + 1);
+    assert_non_null(b64);
+    base64_encode((const unsigned char *)body, blen, b64);
+    char *m = malloc(strlen(b64) + 200);
+    assert_non_null(m);
+    *len = (size_t)sprintf(m, "{\"body\": \"%s\", \"content-encoding\": \"utf-8\", \"content-type\": "
+                              "\"application/json\", \"headers\": {\"task\": \"t\", \"id\": \"i\"}, "
+                              "\"properties\": {\"body_encoding\": \"base64\"}}", b64);
+    free(b64);
+    free(body);
+    return m;
+}
+
+/* The buffer a big body was decoded into is kept for the next big message, which must see only its own bytes. */
+static void test_big_buffer_kept_for_the_next(void **state)
+{
+    (void)state;
+    struct msg_request r = {0};
+    char err[256];
+    size_t la, lb;
+    char *a = big_message(3u << 20, 'a', &la), *b = big_message(2u << 20, 'b', &lb);
+    msg_spare_release();
+    assert_int_equal(msg_decode(a, la, 0, &r, err, sizeof err), MSG_OK);
+    msg_request_clear(&r);
+    assert_true(msg_spare_held());
+    assert_int_equal(msg_decode(b, lb, 0, &r, err, sizeof err), MSG_OK);
+    assert_false(msg_spare_held()); /* in use */
+    assert_int_equal(r.body_len, (2u << 20) + 16);
+    assert_int_equal(r.body[r.body_len], '\0');
+    assert_memory_equal(r.body + r.body_len - 3, "b\"]", 3);
+    assert_null(memchr(r.body, 'a', r.body_len)); /* nothing of the first message shows through */
+    msg_request_clear(&r);
+    assert_true(msg_spare_held());
+    msg_spare_release();
+    assert_false(msg_spare_held());
+    /* Small messages neither keep nor use one. */
+    assert_int_equal(decode_hdr("", &r, err), MSG_OK);
+    msg_request_clear(&r);
+    assert_false(msg_spare_held());
+    free(a);
+    free(b);
+}
+
 static void test_label(void **state)
 {
     (void)state;
@@ -1085,7 +1138,8 @@ int main(void)
         cmocka_unit_test(test_structure_errors), cmocka_unit_test(test_errors_keep_id),
         cmocka_unit_test(test_content_type),   cmocka_unit_test(test_body_encoding),
         cmocka_unit_test(test_v1),             cmocka_unit_test(test_too_large),
-        cmocka_unit_test(test_reuse_and_clear), cmocka_unit_test(test_label),
+        cmocka_unit_test(test_reuse_and_clear), cmocka_unit_test(test_big_buffer_kept_for_the_next),
+        cmocka_unit_test(test_label),
         cmocka_unit_test(test_parse_time),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
