@@ -1622,8 +1622,12 @@ int consumer_run(const struct config *cfg)
             broker_process(c->broker, fds + bfirst, bcount);
             if (broker_connected(c->broker)) {
                 dispatch_and_fetch(c, epoch_now());
-                pool_flush(c->pool); /* the task reaches its process now: most of an idle worker's latency */
+                /* The acks first: the next deliveries are then on their way while the pool processes wake
+                 * (AMQP drain, 10 alternating runs: median 10,225 tasks/s against 9,478 sending them second;
+                 * no change on Redis). A pool process dying meanwhile loses no more than before: early acks
+                 * are for tasks already accepted by this worker. */
                 broker_flush(c->broker);
+                pool_flush(c->pool); /* the task reaches its process now: most of an idle worker's latency */
             }
             pool_process(c->pool, fds + pfirst, pcount);
             bus_process(c->bus, fds + busfirst, buscount);
