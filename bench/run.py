@@ -280,7 +280,25 @@ def latency_load(rs, template, rate, duration):
 def summarize(lat, n, bad):
     return {"n": n, "received": len(lat), "bad": bad,
             "p50_ms": pct(lat, 50) * 1e3, "p90_ms": pct(lat, 90) * 1e3,
-            "p99_ms": pct(lat, 99) * 1e3, "max_ms": max(lat) * 1e3 if lat else float("nan")}
+            "p99_ms": pct(lat, 99) * 1e3, "max_ms": max(lat) * 1e3 if lat else float("nan"),
+            "samples": lat}
+
+
+def pool_rounds(into, out):
+    """Adds one round's (b) figures to the worker's: the percentiles are those of every sample so far."""
+    for key in ("lat_idle", "lat_load"):
+        if key not in out:
+            continue
+        new = out.pop(key)
+        old = into.get(key)
+        if old is None:
+            into[key] = new
+            continue
+        merged = summarize(old["samples"] + new["samples"], old["n"] + new["n"], old["bad"] + new["bad"])
+        if "offered_per_s" in new:
+            merged["offered_per_s"] = round((old["offered_per_s"] + new["offered_per_s"]) / 2, 1)
+        into[key] = merged
+    into.update(out)
 
 
 def fib_times(rs, template, n):
@@ -577,8 +595,9 @@ def main():
         "drain_celeriac": opts.drain_celeriac or (5000 if q else 20000),
         "drain_stock": opts.drain_stock or (1000 if q else 3000),
         "repeat": opts.repeat or (1 if q else 3),
-        "lat_idle": 100 if q else 300,
-        "lat_load_s": 3.0 if q else 10.0,
+        "lat_rounds": 1 if q else 3,
+        "lat_idle": 100 if q else 200,
+        "lat_load_s": 3.0 if q else 5.0,
         "fib_celeriac": 5 if q else 10,
         "fib_stock": 2 if q else 3,
     }
@@ -622,11 +641,24 @@ def main():
             for kind in kinds:
                 results[kind.key] = {}
             if sections & {"b", "c", "d"}:
+                # (b) in rounds, the workers taking turns as in (a), so that a burst of other activity on the
+                # machine does not land in one worker's samples only; the first round also does (c) and (d).
+                rounds = sizes["lat_rounds"] if "b" in sections else 1
+                for r in range(rounds):
+                    for kind in kinds:
+                        secs = sections if r == 0 else sections & {"b"}
+                        log(f"== {kind.label}: " + ("idle memory, latency, fib" if r == 0 else "latency") +
+                            (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
+                        t = time.perf_counter()
+                        pool_rounds(results[kind.key], live_phase(kind, rs, tmpl, app, opts, secs, sizes))
+                        log(f"   ({time.perf_counter() - t:.0f} s)")
                 for kind in kinds:
-                    log(f"== {kind.label}: idle memory, latency, fib")
-                    t = time.perf_counter()
-                    results[kind.key].update(live_phase(kind, rs, tmpl, app, opts, sections, sizes))
-                    log(f"   ({time.perf_counter() - t:.0f} s)")
+                    for key in ("lat_idle", "lat_load"):
+                        if rounds > 1 and key in results[kind.key]:
+                            v = results[kind.key][key]
+                            log(f"   {kind.label} {key.replace('lat_', 'latency ')}, all rounds: p50 {v['p50_ms']:.3f}"
+                                f" ms, p99 {v['p99_ms']:.3f} ms ({v['received']}/{v['n']} tasks)")
+                        results[kind.key].get(key, {}).pop("samples", None)
             if sections & {"a", "d", "e"}:
                 log("== drain of a pre-published backlog, the workers taking turns")
                 t = time.perf_counter()
