@@ -107,6 +107,7 @@ struct executor *executor_new(const struct executor_options *opt)
     if (!ex)
         abort();
     ex->opt = *opt;
+    msg_spare_keep(); /* executors run in pool processes, which release it when idle (executor_idle) */
     ex->canvas = (struct canvas_env){canvas_broker,     canvas_backend,     ex, opt->hostname, opt->native_queue,
                                      opt->default_queue, opt->result_expires, &ex->backend_unread,
                                      broker_is_amqp(opt) ? canvas_publish : NULL};

@@ -50,11 +50,12 @@ struct arena_chunk {
 
 /* The last big chunk (>= SPARE_MIN) freed by this thread, kept for its next big message. Fresh pages are
  * zeroed by the kernel at first touch: a 100,000-row message (4.5 MB decoded) took 2.7-10 ms to decode into
- * fresh pages here, 1.3-1.8 ms into reused ones. Per thread because whoever decodes owns its arena; mutable global
- * state, but bounded (one chunk, under the message size limit) and dropped by msg_spare_release when a pool
- * process goes idle. */
+ * fresh pages here, 1.3-1.8 ms into reused ones. Per thread because whoever decodes owns its arena; mutable
+ * global state, but bounded (one chunk, under the message size limit), kept only by a thread that asked for it
+ * (a pool process, which frees it when idle), never by the main process. */
 #define SPARE_MIN (1u << 20)
 static _Thread_local struct arena_chunk *spare;
+static _Thread_local bool spare_wanted;
 
 /* Makes a new chunk of cap bytes the current one. Allocation failure aborts, as everywhere else (buf.h). */
 static void arena_new_chunk(struct msg_request *r, size_t cap)
@@ -124,7 +125,7 @@ void msg_request_clear(struct msg_request *r)
     struct arena_chunk *c = r->arena;
     while (c) {
         struct arena_chunk *next = c->next;
-        if (c->cap >= SPARE_MIN && (!spare || spare->cap < c->cap)) {
+        if (spare_wanted && c->cap >= SPARE_MIN && (!spare || spare->cap < c->cap)) {
             free(spare);
             spare = c;
         } else {
@@ -133,6 +134,11 @@ void msg_request_clear(struct msg_request *r)
         c = next;
     }
     memset(r, 0, sizeof *r);
+}
+
+void msg_spare_keep(void)
+{
+    spare_wanted = true;
 }
 
 bool msg_spare_held(void)

@@ -79,8 +79,10 @@ int msg_decode_envelope(const char *raw, size_t len, size_t max_size, struct msg
  * decode. */
 char *msg_body_copy(const struct msg_request *r, size_t *len);
 void msg_request_clear(struct msg_request *r);
-/* msg_request_clear keeps the calling thread's last big decoding buffer (1 MiB or more) for its next big
- * message, whose pages are then already there. msg_spare_release frees it: call it when idle. */
+/* After msg_spare_keep, msg_request_clear keeps the calling thread's last big decoding buffer (1 MiB or more)
+ * for its next big message, whose pages are then already there. msg_spare_release frees it: call it when
+ * idle. */
+void msg_spare_keep(void);
 bool msg_spare_held(void);
 void msg_spare_release(void);
 
