@@ -1026,6 +1026,17 @@ static void autoscale(struct consumer *c)
 
 /* ------------------------------------------------------------------ dispatch */
 
+/* How long the child given a big message stays the preferred one (warm_child): longer than it keeps its buffer
+ * when idle (executor.h), short enough that a long task does not keep the wait from being lent for long. */
+#define WARM_S 30.0
+
+/* Whether child (an index, or -1) is there and has nothing to do. */
+static bool idle_child(const struct consumer *c, int child)
+{
+    return child >= 0 && child < pool_capacity(c->pool) && pool_accepts(c->pool, child) &&
+           !c->children[child].jobs.len && child != c->lent_child;
+}
+
 static void dispatch(struct consumer *c)
 {
     int n = pool_capacity(c->pool);
@@ -1047,8 +1058,9 @@ static void dispatch(struct consumer *c)
             continue;
         }
         double cost = expected_cost(c, j->req.task.s);
-        int best = -1;
-        for (int i = 0; i < n; i++) {
+        bool to_warm = j->delivery->raw_shared && idle_child(c, c->warm_child);
+        int best = to_warm ? c->warm_child : -1;
+        for (int i = 0; i < n && !to_warm; i++) {
             struct child_state *cs = &c->children[i];
             if (!pool_accepts(c->pool, i) || i == c->lent_child)
                 continue; /* empty, or leaving (shrink, restart); or waiting for the next message itself */
@@ -1070,9 +1082,15 @@ static void dispatch(struct consumer *c)
         if (cs->jobs.len && (cs->backlog + cost > DISPATCH_HORIZON || cs->jobs.len >= CHILD_QUEUE_MAX))
             break; /* every child has enough to do; the rest waits here, where it can still be requeued */
         list_pop(&c->ready);
+        if (j->delivery->raw_shared) {
+            c->warm_child = best;
+            c->warm_at = now;
+        }
         double soft_limit = job_assign(c, j, best, cost, now);
         pool_submit(c->pool, best, j->seq, soft_limit, j->delivery->raw, j->delivery->len,
                     j->delivery->raw_shared ? j->delivery->raw_fd : -1);
+        log_debug("Task %s[%s] handed to pool process %d", j->req.task.s, j->req.id.s,
+                  (int)pool_child_pid(c->pool, best));
         list_push(&cs->jobs, j);
         job_handed(c, j, best);
     }
@@ -1124,16 +1142,23 @@ static void gate_refresh(struct consumer *c)
     lent_gate_set(pool_gate(c->pool), !c->cfg->track_started && c->nlimits == 0, (size_t)c->cfg->max_message_size);
 }
 
-/* broker_handlers.lend_wait: to the first idle child, when nothing waits in the main process. */
+/* broker_handlers.lend_wait: to an idle child (the warm one first), when nothing waits in the main process
+ * and the warm child is not busy (see warm_child). */
 static bool lend_wait(void *arg, const char *key, const char *inbox)
 {
     struct consumer *c = arg;
     if (c->stopping || c->lent_child >= 0 || c->ready.len || c->throttled.len || epoch_now() < c->lend_after ||
         !pool_gate(c->pool))
         return false;
+    int n = pool_capacity(c->pool), warm = c->warm_child;
+    if (warm >= n || (warm >= 0 && (!pool_accepts(c->pool, warm) || epoch_now() - c->warm_at > WARM_S)))
+        warm = c->warm_child = -1; /* gone (shrunk, replaced: its buffer went with it), or long ago */
+    if (warm >= 0 && !idle_child(c, warm))
+        return false;
     gate_refresh(c);
-    for (int i = 0; i < pool_capacity(c->pool); i++) {
-        if (!pool_accepts(c->pool, i) || c->children[i].jobs.len)
+    for (int k = 0; k < n; k++) {
+        int i = warm >= 0 ? (warm + k) % n : k;
+        if (!idle_child(c, i))
             continue;
         uint64_t seq = c->next_seq + 1;
         if (pool_lend_wait(c->pool, i, seq, key, inbox)) {
@@ -1158,6 +1183,10 @@ static void on_wait_took(void *arg, int child, uint64_t seq, const char *raw, si
     struct consumer *c = arg;
     if (lend_over)
         c->lent_child = -1;
+    if (raw_fd >= 0) {
+        c->warm_child = child;
+        c->warm_at = epoch_now();
+    }
     c->took_child = child;
     c->took_seq = seq;
     broker_wait_took(c->broker, raw, len, raw_fd, lend_over);
@@ -1441,7 +1470,7 @@ int consumer_run(const struct config *cfg)
                                 cfg->queues[0],
                                 cfg->default_queue};
     struct pool_handlers ph = {on_result, on_child_exit, on_wait_took, on_wait_end};
-    c->lent_child = c->took_child = -1;
+    c->lent_child = c->took_child = c->warm_child = -1;
     c->pool = pool_start(&popt, &ph, c, err, sizeof err);
     if (!c->pool) {
         log_critical("%s", err);

@@ -378,8 +378,9 @@ const char *executor_last_task_id(const struct executor *ex)
     return ex->last_id;
 }
 
-/* Two seconds covers the gap between the tasks of an import sent as a stream of big messages. */
-#define SPARE_IDLE_MS 2000
+/* Covers the gap between the tasks of an import sent as a stream of big messages: the client's own .delay() of a
+ * 1,000,000-row list takes 1.5-2 s, so 2 s let the buffer go between two such tasks at times. */
+#define SPARE_IDLE_MS 10000
 
 int executor_idle_ms(const struct executor *ex)
 {

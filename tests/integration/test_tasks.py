@@ -106,6 +106,27 @@ def test_messages_over_a_mebibyte_reach_their_tasks_intact(app, shared_worker):
     assert app.send_task("native.add", args=[20, 22]).get(timeout=TIMEOUT) == 42
 
 
+def test_big_messages_one_after_another_go_to_the_same_pool_process(app, workers):
+    """A pool process keeps the decoding buffer of its last big message for the next one (its pages are
+    already there), so big messages sent one after another go to the process that ran the previous one,
+    whether a waiting process took it or the main process handed it over."""
+    w = workers.start("-c", "2", "-l", "debug", "-Q", "big-in-turn")  # its own queue: this module's worker runs
+    assert app.send_task("native.noop", queue="big-in-turn").get(timeout=TIMEOUT) is None
+    ids = []
+    for i in range(4):
+        big = chr(ord("k") + i) * (1_200_000 + i)
+        res = app.send_task("native.echo", args=[big], queue="big-in-turn")
+        assert res.get(timeout=TIMEOUT) == {"args": [big], "kwargs": {}}
+        ids.append(res.id)
+    log = w.log()
+    pids = []
+    for tid in ids:
+        m = re.search(r"native\.echo\[" + tid + r"\] (?:taken by|handed to) pool process (\d+)", log)
+        assert m, f"no hand-over of {tid} in the debug log:\n{log[-3000:]}"
+        pids.append(m.group(1))
+    assert len(set(pids)) == 1, f"big messages went to pool processes {pids}"
+
+
 def test_echo_kwargs_and_args_together(run):
     kwargs = {"name": "\u00e9t\u00e9", "n": INT64_MIN, "f": 2.5, "flag": False, "none": None, "list": [],
               "obj": {"k": [1, "2", 3.0]}}
