@@ -2,7 +2,7 @@
 """PostgreSQL bulk insert: celeriac's native.pg_bulk_insert vs the stock Celery worker running the SQLAlchemy
 equivalent vs raw COPY FROM STDIN (psycopg2's copy_expert), same server, same rows, same run.
 
-    python3 bench/pg.py                       # 100,000 and 1,000,000 rows; about two minutes
+    python3 bench/pg.py                       # 100,000 and 1,000,000 rows; about three minutes
     python3 bench/pg.py --sizes 100000 --runs 5 --json out.json
 
 Starts its own redis-server and PostgreSQL (initdb into a temp dir; default settings, so fsync on) on free
@@ -23,8 +23,9 @@ How each figure is taken:
   native.pg_bulk_insert does `conn.execute(insert(table), [dict(...) for row in rows])` in one transaction
   (SQLAlchemy 1.4 + psycopg2, which batches with execute_values). celeriac: `-c 2`, release build
   (build-pg/celeriac from `cmake -S . -B build-pg -DCMAKE_BUILD_TYPE=Release`, or $CELERIAC_BIN).
-Each worker first runs one 1,000-row task (connection and table reflection), untimed.
-Medians are reported; every run is printed.
+Each worker first runs one 1,000-row task (connection and table reflection), untimed. Raw COPY and celeriac take
+turns run by run (text, binary, celeriac; then again), the stock worker runs afterwards (minutes at 1,000,000
+rows: one run there by default). Medians of 5 runs are reported; every run is printed.
 """
 import argparse
 import gc
@@ -135,53 +136,56 @@ def client(rs):
     return app
 
 
-def run_worker(kind, rs, pg, sizes, runs, stock_runs_big, data, timeout):
-    """Starts one worker, warms it up, times it on every size; -> {n: [(seconds, send seconds), ...]}."""
-    env = {"DATABASE_URL": pg.url(), "CELERIAC_PG_TABLES": TABLE}
-    if kind == "celeriac":
-        binary = os.environ.get("CELERIAC_BIN") or os.path.join(REPO, "build-pg", "celeriac")
-        w = Celeriac(["-Q", QUEUE, "-c", "2", "-l", "info"], broker_url=rs.url(0), backend_url=rs.url(1), env=env,
-                     binary=binary)
-    else:
-        w = CeleryWorker(["-Q", QUEUE, "-c", "2", "-l", "info"], app="python_tasks.fallbacks", pythonpath=REPO,
-                         broker_url=rs.url(0), backend_url=rs.url(1), env=env, python="/usr/bin/python3")
-    app = client(rs)
-    out = {}
-    try:
-        w.start()
-        w.wait_ready(120)
-        broker = rs.client(0)
-        via_worker(app, broker, pg.url(), make_rows(1000), timeout)  # warm-up: connect, reflect
-        for n in sizes:
-            k = runs if (kind == "celeriac" or n < 1_000_000) else stock_runs_big
-            out[n] = []
-            for r in range(k):
-                dt, t_send = via_worker(app, broker, pg.url(), data[n], timeout)
-                out[n].append((dt, t_send))
-                print(f"  {kind:9} {n:>9,} rows  run {r + 1}: {dt:7.3f} s  {n / dt:>12,.0f} rows/s   "
-                      f"(.delay() itself: {t_send:.3f} s)", flush=True)
-    finally:
+class Worker:
+    """One worker (celeriac or stock) started, warmed up, and timed run by run; stop() when done."""
+
+    def __init__(self, kind, rs, pg, timeout):
+        env = {"DATABASE_URL": pg.url(), "CELERIAC_PG_TABLES": TABLE}
+        if kind == "celeriac":
+            binary = os.environ.get("CELERIAC_BIN") or os.path.join(REPO, "build-pg", "celeriac")
+            self.w = Celeriac(["-Q", QUEUE, "-c", "2", "-l", "info"], broker_url=rs.url(0), backend_url=rs.url(1),
+                              env=env, binary=binary)
+        else:
+            self.w = CeleryWorker(["-Q", QUEUE, "-c", "2", "-l", "info"], app="python_tasks.fallbacks",
+                                  pythonpath=REPO, broker_url=rs.url(0), backend_url=rs.url(1), env=env,
+                                  python="/usr/bin/python3")
+        self.kind, self.dsn, self.timeout = kind, pg.url(), timeout
+        self.app = client(rs)
+        self.w.start()
+        self.w.wait_ready(120)
+        self.broker = rs.client(0)
+        via_worker(self.app, self.broker, self.dsn, make_rows(1000), timeout)  # warm-up: connect, reflect
+
+    def run(self, rows):
+        """-> (seconds, send seconds)"""
+        return via_worker(self.app, self.broker, self.dsn, rows, self.timeout)
+
+    def stop(self):
         # AsyncResults left for the garbage collector would talk to Redis after it stopped (noise at exit).
         gc.collect()
-        consumer = getattr(app.backend, "result_consumer", None)
+        consumer = getattr(self.app.backend, "result_consumer", None)
         if getattr(consumer, "_pubsub", None) is not None:
             consumer.stop()
             consumer._pubsub = None
-        app.close()
+        self.app.close()
         try:
-            w.stop(timeout=30)
+            self.w.stop(timeout=30)
         except TimeoutError:
             pass
-        if kind == "celeriac" and w.sanitizer_reports():
-            print("\n".join(w.sanitizer_reports()))
-        w.cleanup()
-    return out
+        if self.kind == "celeriac" and self.w.sanitizer_reports():
+            print("\n".join(self.w.sanitizer_reports()))
+        self.w.cleanup()
+
+
+def worker_line(kind, n, r, dt, t_send):
+    print(f"  {kind:9} {n:>9,} rows  run {r + 1}: {dt:7.3f} s  {n / dt:>12,.0f} rows/s   "
+          f"(.delay() itself: {t_send:.3f} s)", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100000,1000000", help="row counts, comma-separated")
-    ap.add_argument("--runs", type=int, default=3, help="runs per method and size")
+    ap.add_argument("--runs", type=int, default=5, help="runs per method and size")
     ap.add_argument("--stock-runs-big", type=int, default=1, help="stock worker runs at >= 1,000,000 rows")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="write every figure here")
@@ -192,15 +196,37 @@ def main():
     with RedisServer() as rs, PostgresServer() as pg:
         reset_table(pg.url())
         print(f"PostgreSQL {pg.port}, redis {rs.port}; rows of (id int, name text, value float8)", flush=True)
-        for n in sizes:
-            for fmt in ("text", "binary"):
-                res[f"copy_{fmt}"][n] = []
+        # raw COPY and celeriac take turns run by run, so that a slower spell of the machine (or of the server)
+        # falls on both alike; the stock worker, which takes minutes at 1,000,000 rows, runs afterwards.
+        cel = Worker("celeriac", rs, pg, args.timeout)
+        try:
+            res["celeriac"] = {}
+            for n in sizes:
+                res["celeriac"][n] = []
+                for fmt in ("text", "binary"):
+                    res[f"copy_{fmt}"][n] = []
                 for r in range(args.runs):
-                    dt = raw_copy(pg.url(), data[n], fmt)
-                    res[f"copy_{fmt}"][n].append(dt)
-                    print(f"  COPY {fmt:6} {n:>9,} rows  run {r + 1}: {dt:7.3f} s  {n / dt:>12,.0f} rows/s", flush=True)
-        for kind in ("celeriac", "stock"):
-            res[kind] = run_worker(kind, rs, pg, sizes, args.runs, args.stock_runs_big, data, args.timeout)
+                    for fmt in ("text", "binary"):
+                        dt = raw_copy(pg.url(), data[n], fmt)
+                        res[f"copy_{fmt}"][n].append(dt)
+                        print(f"  COPY {fmt:6} {n:>9,} rows  run {r + 1}: {dt:7.3f} s  {n / dt:>12,.0f} rows/s",
+                              flush=True)
+                    dt, t_send = cel.run(data[n])
+                    res["celeriac"][n].append((dt, t_send))
+                    worker_line("celeriac", n, r, dt, t_send)
+        finally:
+            cel.stop()
+        stock = Worker("stock", rs, pg, args.timeout)
+        try:
+            res["stock"] = {}
+            for n in sizes:
+                res["stock"][n] = []
+                for r in range(args.runs if n < 1_000_000 else args.stock_runs_big):
+                    dt, t_send = stock.run(data[n])
+                    res["stock"][n].append((dt, t_send))
+                    worker_line("stock", n, r, dt, t_send)
+        finally:
+            stock.stop()
 
     def rate(key, n):
         v = res[key][n]
