@@ -69,7 +69,7 @@ struct broker_endpoint {
 
 /* Where the broker's log lines go: level as in worker/config.h (10 debug .. 50 critical); line borrowed. */
 typedef void (*broker_log_fn)(int level, const char *line);
-enum { BROKER_LOG_INFO = 20, BROKER_LOG_WARNING = 30, BROKER_LOG_ERROR = 40 };
+enum { BROKER_LOG_DEBUG = 10, BROKER_LOG_INFO = 20, BROKER_LOG_WARNING = 30, BROKER_LOG_ERROR = 40 };
 
 /* A blocking connection with AUTH and SELECT done, for code that talks to Redis synchronously (a pool child
  * running native.incr). Returns the context (caller frees with redisFree) or NULL with err filled. */

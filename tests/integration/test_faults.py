@@ -30,7 +30,7 @@ def test_acl_user_and_password(workers, redis_server):
         port = redis_server.port
         broker = f"redis://celeriac-user:s3cr3t-pw@127.0.0.1:{port}/0"
         backend = f"redis://celeriac-user:s3cr3t-pw@127.0.0.1:{port}/1"
-        w = workers.start("-c", "1", broker_url=broker, backend_url=backend)
+        w = workers.start("-c", "1", "-l", "debug", broker_url=broker, backend_url=backend)
         app = make_client(broker, backend)
         try:
             assert app.send_task("native.add", args=[20, 22]).get(timeout=TIMEOUT) == 42
@@ -44,14 +44,15 @@ def test_acl_user_and_password(workers, redis_server):
 
 
 def test_without_blmove_the_idle_worker_waits_on_invalidations(workers, redis_server):
-    """An ACL that forbids BLMOVE: the idle wait falls back to the key invalidations, with a warning."""
+    """An ACL that forbids BLMOVE: the idle wait falls back to the key invalidations (of the queue's own list
+    too, from then on), with a warning."""
     admin = redis_server.client(0)
     admin.execute_command("ACL", "SETUSER", "celeriac-noblock", "on", ">pw", "~*", "&*", "+@all", "-blmove")
     try:
         port = redis_server.port
         broker = f"redis://celeriac-noblock:pw@127.0.0.1:{port}/0"
         backend = f"redis://celeriac-noblock:pw@127.0.0.1:{port}/1"
-        w = workers.start("-c", "1", broker_url=broker, backend_url=backend)
+        w = workers.start("-c", "1", "-l", "debug", broker_url=broker, backend_url=backend)
         app = make_client(broker, backend)
         try:
             for i in range(3):  # the worker idle before each one
@@ -60,6 +61,8 @@ def test_without_blmove_the_idle_worker_waits_on_invalidations(workers, redis_se
         finally:
             close_client(app)
         assert "BLMOVE failed" in w.log() and "waiting on invalidations alone" in w.log()
+        # The queue's own list is tracked again once BLMOVE failed (else only the once-a-second poll finds them).
+        assert "Woken by a message in queue celery (priority 0)" in w.log()
         assert admin.llen("celery") == 0 and admin.hlen("unacked") == 0
     finally:
         admin.execute_command("ACL", "DELUSER", "celeriac-noblock")

@@ -266,6 +266,20 @@ def test_priority_message_reaches_a_worker_waiting_on_the_base_list(app, workers
 
 
 @_inbox_only
+def test_an_idle_worker_is_woken_only_by_what_its_wait_does_not_take(app, workers, broker):
+    """While a BLMOVE waits on the queue's base list, pushes to that list (and the result keys, which start with
+    the queue's name) wake nobody but the BLMOVE: only the priority sub-lists are tracked."""
+    w = workers.start("-c", "1", "-l", "debug")
+    for i in range(3):  # the worker idle before each one
+        time.sleep(0.2)
+        assert app.send_task("native.add", args=[i, 1]).get(timeout=TIMEOUT) == i + 1
+    time.sleep(0.2)
+    assert app.send_task("native.add", args=[40, 2], priority=9).get(timeout=TIMEOUT) == 42
+    woken = [line.split("] ", 1)[1] for line in w.log().splitlines() if "Woken by" in line]
+    assert woken and set(woken) == {"Woken by a message in queue celery (priority 9)"}, woken
+
+
+@_inbox_only
 def test_a_killed_idle_worker_takes_nothing_with_it(app, workers, broker):
     w = workers.start("-c", "1")
     assert app.send_task("native.noop").get(timeout=TIMEOUT) is None
