@@ -4,7 +4,9 @@
     python3 bench/rabbitmq.py [--quick] [--json FILE]
 
 Sections (bench/README.md, "AMQP mode", explains the method):
-  a  drain of pre-published native.noop messages with results stored (Redis result backend), tasks/s
+  a  drain of pre-published native.noop messages with results stored (Redis result backend), tasks/s; in the
+     same turns, the broker's own ceiling at that window: build/bench/amqp-ceiling consumes and acks the same
+     messages as celeriac does, and does nothing else (no decoding, no task, no result)
   b  result latency, client basic.publish -> result PUBLISH seen by a Redis subscriber, idle: p50 and p99
 
 A private RabbitMQ node and a private redis-server (results), both on free loopback ports. The two workers
@@ -20,6 +22,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -147,15 +150,40 @@ def settle(rb, timeout=20.0):
         quiet = quiet + 1 if node_cpu(rb) - c0 < 0.01 else 0
 
 
-def drain_once(kind, rb, rs, br, tmpl, n, opts):
-    results = rs.client(1)
-    results.flushdb()
+def ceiling_binary():
+    """bench/amqp_ceiling.c, built next to the celeriac binary (build/bench/amqp-ceiling)."""
+    return os.path.join(os.path.dirname(celeriac_binary()), "bench", "amqp-ceiling")
+
+
+def backlog(rb, br, tmpl, n):
+    """n messages waiting in the queue, written by the node; returns their task ids."""
     br.purge()
     ids = br.publish(tmpl, n)
     wait = time.monotonic() + 30
     while br.depth() < n and time.monotonic() < wait:
         time.sleep(0.05)
     settle(rb)
+    return ids
+
+
+def ceiling_once(rb, br, tmpl, n, opts):
+    backlog(rb, br, tmpl, n)
+    cpu0 = node_cpu(rb)
+    window = opts.concurrency * opts.prefetch_multiplier
+    out = subprocess.run([ceiling_binary(), str(rb.port), QUEUE, str(n), str(window)], capture_output=True,
+                         text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"amqp-ceiling: {out.stderr.strip()}")
+    count, took = out.stdout.split()
+    return int(count) / float(took), (node_cpu(rb) - cpu0) / n * 1e6
+
+
+def drain_once(kind, rb, rs, br, tmpl, n, opts):
+    if kind == "ceiling":
+        return ceiling_once(rb, br, tmpl, n, opts)
+    results = rs.client(1)
+    results.flushdb()
+    ids = backlog(rb, br, tmpl, n)
     w = make_worker(kind, rb, rs, opts)
     w.start()
     try:
@@ -235,8 +263,12 @@ def main():
     kinds = ["stock"] + (["celeriac"] if have_celeriac else [])
     if not have_celeriac:
         log(f"note: no celeriac binary at {celeriac_binary()}: measuring the stock worker only")
+    have_ceiling = os.access(ceiling_binary(), os.X_OK)
+    if not have_ceiling:
+        log(f"note: no {ceiling_binary()} (built with celeriac): the broker's ceiling is not measured")
+    drains = kinds + (["ceiling"] if have_ceiling else [])
     rb, rs = RabbitServer(), RedisServer()
-    out = {k: {"drain": [], "broker_us": [], "lat": None} for k in kinds}
+    out = {k: {"drain": [], "broker_us": [], "lat": None} for k in drains}
     try:
         rb.start()
         rs.start()
@@ -246,8 +278,8 @@ def main():
             f"-c {opts.concurrency} --prefetch-multiplier {opts.prefetch_multiplier} -l warning; "
             f"node scheduler flags: {node_sched_flags(rb)}")
         for i in range(repeat):
-            for k in kinds:
-                rate, broker_us = drain_once(k, rb, rs, br, tmpl, n_c if k == "celeriac" else n_s, opts)
+            for k in drains:
+                rate, broker_us = drain_once(k, rb, rs, br, tmpl, n_s if k == "stock" else n_c, opts)
                 out[k]["drain"].append(rate)
                 out[k]["broker_us"].append(broker_us)
                 log(f"  (a) drain run {i + 1} {k:8s}: {rate:10.0f} tasks/s   RabbitMQ CPU {broker_us:6.1f} us/task")
@@ -270,6 +302,10 @@ def main():
         log(f"{'(a) drain, tasks/s (median)':30s} {s:12.0f} {c:12.0f} {c / s:7.1f}x  >= {TARGET:.0f}x {ok}")
         sb, cb = (statistics.median(out[k]["broker_us"]) for k in ("stock", "celeriac"))
         log(f"{'    RabbitMQ CPU, us/task':30s} {sb:12.1f} {cb:12.1f}")
+        if have_ceiling:
+            top = statistics.median(out["ceiling"]["drain"])
+            log(f"{'    broker ceiling, tasks/s':30s} {'':12s} {top:12.0f} {top / s:7.1f}x  (a consumer that only "
+                f"acks, same window; celeriac at {c / top:.0%} of it)")
         for j, name in enumerate(("p50", "p99")):
             sv, cv = out["stock"]["lat"][j], out["celeriac"]["lat"][j]
             log(f"{'(b) latency idle ' + name + ', ms':30s} {sv:12.2f} {cv:12.2f} {sv / cv:7.1f}x faster")
