@@ -1037,6 +1037,17 @@ static bool idle_child(const struct consumer *c, int child)
            !c->children[child].jobs.len && child != c->lent_child;
 }
 
+/* The warm child (see WARM_S), forgotten once gone (shrunk, replaced: its buffer went with it) or long idle;
+ * -1 when there is none. */
+static int warm_child_now(struct consumer *c)
+{
+    int warm = c->warm_child;
+    if (warm >= pool_capacity(c->pool) ||
+        (warm >= 0 && (!pool_accepts(c->pool, warm) || epoch_now() - c->warm_at > WARM_S)))
+        warm = c->warm_child = -1;
+    return warm;
+}
+
 static void dispatch(struct consumer *c)
 {
     int n = pool_capacity(c->pool);
@@ -1058,8 +1069,9 @@ static void dispatch(struct consumer *c)
             continue;
         }
         double cost = expected_cost(c, j->req.task.s);
-        bool to_warm = j->delivery->raw_shared && idle_child(c, c->warm_child);
-        int best = to_warm ? c->warm_child : -1;
+        int warm = j->delivery->raw_shared ? warm_child_now(c) : -1;
+        bool to_warm = idle_child(c, warm);
+        int best = to_warm ? warm : -1;
         for (int i = 0; i < n && !to_warm; i++) {
             struct child_state *cs = &c->children[i];
             if (!pool_accepts(c->pool, i) || i == c->lent_child)
@@ -1150,9 +1162,7 @@ static bool lend_wait(void *arg, const char *key, const char *inbox)
     if (c->stopping || c->lent_child >= 0 || c->ready.len || c->throttled.len || epoch_now() < c->lend_after ||
         !pool_gate(c->pool))
         return false;
-    int n = pool_capacity(c->pool), warm = c->warm_child;
-    if (warm >= n || (warm >= 0 && (!pool_accepts(c->pool, warm) || epoch_now() - c->warm_at > WARM_S)))
-        warm = c->warm_child = -1; /* gone (shrunk, replaced: its buffer went with it), or long ago */
+    int n = pool_capacity(c->pool), warm = warm_child_now(c);
     if (warm >= 0 && !idle_child(c, warm))
         return false;
     gate_refresh(c);
