@@ -603,14 +603,21 @@ static void amqp_reject(struct broker *base, const char *tag)
 
 /* Back to the far end of its queue: published again (default exchange, the queue's name), then acked. If the
  * connection breaks in between, the broker requeues the original too: a duplicate, never a loss. */
-static void amqp_defer(struct broker *base, const struct broker_delivery *d)
+static void amqp_defer(struct broker *base, const struct broker_delivery *d, double expires)
 {
     struct amqp_broker *b = (struct amqp_broker *)base;
     struct outstanding *o = find_tag(b, d->tag);
     if (!o || o->acked)
         return;
+    long long left_ms = -1; /* a message with a time to live keeps what is left of it (broker.h) */
+    if (expires > 0) {
+        struct timeval tv;
+        gettimeofday(&tv, NULL);
+        double left = expires - ((double)tv.tv_sec + tv.tv_usec / 1e6);
+        left_ms = left <= 0 ? 0 : left > 1e15 ? (long long)1e15 : (long long)(left * 1000.0);
+    }
     char err[256];
-    int rc = wire_publish_envelope(b->st, "", b->queues[d->queue], d->raw, d->len, err, sizeof err);
+    int rc = wire_publish_envelope(b->st, "", b->queues[d->queue], d->raw, d->len, left_ms, err, sizeof err);
     if (rc == -2) {
         lost(b, err);
         return;

@@ -257,7 +257,7 @@ static void publish(struct amqp_bus *b, const char *exchange, const char *routin
     if (!alive(b, wire_now()))
         return;
     char err[256];
-    if (wire_publish_envelope(b->st, exchange, routing_key, data, len, err, sizeof err) == -2)
+    if (wire_publish_envelope(b->st, exchange, routing_key, data, len, -1, err, sizeof err) == -2)
         lost(b, err);
 }
 

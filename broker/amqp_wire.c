@@ -596,6 +596,7 @@ int wire_incoming_feed(struct wire_incoming *in, const amqp_frame_t *f)
         text_lit(&t, ",\"properties\":{");
         head_str_prop(&t, "\"correlation_id\":", p->_flags, AMQP_BASIC_CORRELATION_ID_FLAG, p->correlation_id);
         head_str_prop(&t, "\"reply_to\":", p->_flags, AMQP_BASIC_REPLY_TO_FLAG, p->reply_to);
+        head_str_prop(&t, "\"expiration\":", p->_flags, AMQP_BASIC_EXPIRATION_FLAG, p->expiration);
         if (p->_flags & AMQP_BASIC_DELIVERY_MODE_FLAG) {
             text_lit(&t, "\"delivery_mode\":");
             text_int(&t, p->delivery_mode);
@@ -649,8 +650,22 @@ static amqp_bytes_t str_bytes(const json_t *o, const char *key, bool *found)
     return s ? amqp_cstring_bytes(s) : amqp_empty_bytes;
 }
 
+/* The envelope's expiration as the broker accepts it (a count of milliseconds), cut to max_ttl_ms when that is
+ * >= 0, written into buf; NULL when there is none to send. */
+static const char *ttl_property(const json_t *props, long long max_ttl_ms, char *buf, size_t buflen)
+{
+    const char *s = json_string_value(json_object_get(props, "expiration"));
+    if (!s || !*s || strspn(s, "0123456789") != strlen(s) || strlen(s) > 18)
+        return NULL;
+    long long ttl = strtoll(s, NULL, 10);
+    if (max_ttl_ms >= 0 && ttl > max_ttl_ms)
+        ttl = max_ttl_ms;
+    snprintf(buf, buflen, "%lld", ttl);
+    return buf;
+}
+
 int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, const char *routing_key, const char *data,
-                          size_t len, char *err, size_t errlen)
+                          size_t len, long long max_ttl_ms, char *err, size_t errlen)
 {
     int rc = -1;
     unsigned char *body = NULL;
@@ -693,6 +708,12 @@ int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, cons
     p._flags |= found ? AMQP_BASIC_CORRELATION_ID_FLAG : 0;
     p.reply_to = str_bytes(props, "reply_to", &found);
     p._flags |= found && p.reply_to.len ? AMQP_BASIC_REPLY_TO_FLAG : 0;
+    char ttl_buf[24];
+    const char *ttl = ttl_property(props, max_ttl_ms, ttl_buf, sizeof ttl_buf);
+    if (ttl) {
+        p.expiration = amqp_cstring_bytes(ttl);
+        p._flags |= AMQP_BASIC_EXPIRATION_FLAG;
+    }
     const json_t *dm = json_object_get(props, "delivery_mode");
     p.delivery_mode = json_is_integer(dm) ? (uint8_t)json_integer_value(dm) : 2;
     p._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
@@ -1054,7 +1075,7 @@ int amqp_producer_publish(struct amqp_producer *p, const char *envelope, size_t 
     json_decref(env);
     if (rc < 0)
         return -1;
-    if (wire_publish_envelope(p->st, NULL, NULL, envelope, len, err, errlen) < 0)
+    if (wire_publish_envelope(p->st, NULL, NULL, envelope, len, -1, err, errlen) < 0)
         return -1;
     p->published++;
     return producer_wait_confirm(p, err, errlen);

@@ -60,11 +60,13 @@ char *wire_envelope(const struct wire_incoming *in, const char *tag, size_t *len
 void wire_incoming_clear(struct wire_incoming *in);
 
 /* Publishes a kombu envelope (borrowed) on WIRE_CH: body decoded from base64 when body_encoding says so,
- * headers as an AMQP table, content type and encoding, delivery_mode, priority, correlation_id, reply_to.
- * exchange / routing_key: NULL takes the envelope's delivery_info. Returns 0, -1 with err filled when the
- * envelope is unusable (nothing sent), or -2 on a connection error. */
+ * headers as an AMQP table, content type and encoding, delivery_mode, priority, correlation_id, reply_to and
+ * expiration (the time to live, milliseconds in a string; one that is not a count of milliseconds is left out,
+ * as the broker would close the channel over it), cut to max_ttl_ms when that is >= 0. exchange / routing_key:
+ * NULL takes the envelope's delivery_info. Returns 0, -1 with err filled when the envelope is unusable (nothing
+ * sent), or -2 on a connection error. */
 int wire_publish_envelope(amqp_connection_state_t st, const char *exchange, const char *routing_key, const char *data,
-                          size_t len, char *err, size_t errlen);
+                          size_t len, long long max_ttl_ms, char *err, size_t errlen);
 
 /* Liveness of a connection the main loop polls (the transport and the bus alike). librabbitmq notices missed
  * heartbeats only while it waits to read, which the loop never does, and a send made after its deadline has

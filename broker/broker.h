@@ -178,8 +178,11 @@ void broker_reject(struct broker *b, const char *tag);
 void broker_requeue(struct broker *b, const struct broker_delivery *d);
 /* Puts a delivery back on the list it was taken from, unchanged, at the far end (as if just published: the
  * messages queued behind it come first), and removes its unacked record, atomically, unless someone restored
- * it already. For messages taken but not wanted now (ETA tasks over --max-eta-reserved). d borrowed. */
-void broker_defer(struct broker *b, const struct broker_delivery *d);
+ * it already. For messages taken but not wanted now (ETA tasks over --max-eta-reserved). expires: epoch seconds
+ * at which the task expires (its expires header), 0 for never: on AMQP, where the message is published again, a
+ * message that had a time to live (its expiration property, which Celery sets from expires) gets what is left of
+ * it, not a fresh one. d borrowed. */
+void broker_defer(struct broker *b, const struct broker_delivery *d, double expires);
 /* Restores every unacked record older than the visibility timeout (kombu's mutex protocol), except the
  * ones this broker holds. Blocking; returns how many were restored, or -1. */
 int broker_restore_visible(struct broker *b, double now);

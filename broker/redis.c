@@ -1486,8 +1486,9 @@ static void redis_requeue(struct broker *base, const struct broker_delivery *d)
     free(payload);
 }
 
-static void redis_defer(struct broker *base, const struct broker_delivery *d)
+static void redis_defer(struct broker *base, const struct broker_delivery *d, double expires)
 {
+    (void)expires; /* kombu's Redis transport has no per-message time to live */
     struct redis_broker *b = (struct redis_broker *)base;
     if (is_pending(b, d->tag))
         pending_resolve(b, false);

@@ -105,9 +105,9 @@ void broker_requeue(struct broker *b, const struct broker_delivery *d)
     b->ops->requeue(b, d);
 }
 
-void broker_defer(struct broker *b, const struct broker_delivery *d)
+void broker_defer(struct broker *b, const struct broker_delivery *d, double expires)
 {
-    b->ops->defer(b, d);
+    b->ops->defer(b, d, expires);
 }
 
 int broker_restore_visible(struct broker *b, double now)

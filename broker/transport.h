@@ -23,7 +23,7 @@ struct broker_ops {
     size_t (*pending)(const struct broker *b);
     void (*ack)(struct broker *b, const char *tag);
     void (*requeue)(struct broker *b, const struct broker_delivery *d);
-    void (*defer)(struct broker *b, const struct broker_delivery *d);
+    void (*defer)(struct broker *b, const struct broker_delivery *d, double expires);
     int (*restore_visible)(struct broker *b, double now);
     const char *(*errstr)(const struct broker *b);
     int (*add_queue)(struct broker *b, const char *queue);

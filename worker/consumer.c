@@ -531,7 +531,7 @@ static void eta_return(struct consumer *c, struct job *j)
                     "there is room", c->eta.n);
         c->cap_warned = true;
     }
-    broker_defer(c->broker, j->delivery);
+    broker_defer(c->broker, j->delivery, isfinite(j->expires) ? j->expires : 0);
     if (!c->scan_mark) {
         c->scan_mark = strdup(broker_delivery_identity(j->delivery));
         if (!c->scan_mark)

@@ -189,6 +189,25 @@ def test_eta_cap_returns_the_latest_without_spinning(amqp_app, workers, rabbit, 
     assert w.log().count("ETA task(s) over --max-eta-reserved to their queues") <= 10
 
 
+def test_a_returned_eta_task_keeps_what_is_left_of_its_time_to_live(amqp_app, workers, rabbit, queue):
+    """The ETA cap publishes a task again on AMQP. Sent with expires, Celery gave its message a time to live (the
+    expiration property): the copy put back keeps what is left of it, so RabbitMQ still drops (or dead-letters)
+    it once expired, instead of keeping it for good."""
+    w = workers.celeriac("-c", "1", "-Q", queue, "--max-eta-reserved", "1", broker_url=rabbit.url())
+    later = [amqp_app.tasks["native.add"].apply_async((i, 0), countdown=60, expires=120) for i in range(3)]
+    wait_until(lambda: "ETA tasks are held (--max-eta-reserved)" in w.log(), what="the cap to return a task")
+    time.sleep(0.3)
+    assert workers.stop(w) == 0  # the one held goes back by reject: the broker keeps its properties
+    ttls = []
+    with amqp_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        while (m := channel.basic_get(queue, no_ack=True)) is not None:
+            ttls.append(m.properties.get("expiration"))
+    assert len(ttls) == len(later), ttls
+    assert all(t is not None and 0 < int(t) <= 120000 for t in ttls), ttls
+    assert any(int(t) < 120000 for t in ttls), ttls  # at least one was published again, with less time left
+
+
 def test_retry_chain_chord(amqp_app, workers, rabbit, queue):
     w = start(workers, rabbit, queue)
     r = amqp_app.send_task("native.retry_n", (2,))

@@ -131,7 +131,7 @@ static void test_received_message_becomes_a_kombu_envelope(void **state)
     memset(&p, 0, sizeof p);
     p._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_CONTENT_ENCODING_FLAG | AMQP_BASIC_HEADERS_FLAG |
                AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_PRIORITY_FLAG | AMQP_BASIC_CORRELATION_ID_FLAG |
-               AMQP_BASIC_REPLY_TO_FLAG;
+               AMQP_BASIC_REPLY_TO_FLAG | AMQP_BASIC_EXPIRATION_FLAG;
     p.content_type = amqp_cstring_bytes("application/json");
     p.content_encoding = amqp_cstring_bytes("utf-8");
     p.headers = (amqp_table_t){sizeof h / sizeof *h, h};
@@ -139,6 +139,7 @@ static void test_received_message_becomes_a_kombu_envelope(void **state)
     p.priority = 7;
     p.correlation_id = amqp_cstring_bytes("abc-1");
     p.reply_to = amqp_cstring_bytes("r-1");
+    p.expiration = amqp_cstring_bytes("60000");
 
     struct wire_incoming in = {0};
     amqp_frame_t f = method_frame(AMQP_BASIC_DELIVER_METHOD, &d);
@@ -176,6 +177,7 @@ static void test_received_message_becomes_a_kombu_envelope(void **state)
     assert_string_equal(json_string_value(json_object_get(pr, "delivery_tag")), "3.42");
     assert_string_equal(json_string_value(json_object_get(pr, "body_encoding")), "base64");
     assert_string_equal(json_string_value(json_object_get(pr, "reply_to")), "r-1");
+    assert_string_equal(json_string_value(json_object_get(pr, "expiration")), "60000"); /* kept for a republish */
     assert_int_equal(json_integer_value(json_object_get(pr, "priority")), 7);
     json_t *di = json_object_get(pr, "delivery_info");
     assert_string_equal(json_string_value(json_object_get(di, "routing_key")), "celery");
